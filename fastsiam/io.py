@@ -1,0 +1,61 @@
+"""Crash-safe file output shared by converters, checkpoints and benchmark results.
+
+A reader must never see a half-written file under its final name: everything is written to a
+temporary sibling, flushed and fsync'ed, then renamed over the destination (rename is atomic
+within one filesystem). If anything fails, the temporary file is removed and an existing file
+under the final name is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success, fsync it and rename it to ``path``.
+
+    For writers that take a file name rather than a file object (ffcv's DatasetWriter,
+    ``torch.save``). The temporary name starts with ``.`` and ends with ``.partial`` so that
+    globbing for the final pattern never matches it.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file for writing; it replaces ``path`` only if the block completes."""
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open: mode must be a write mode, got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
