@@ -106,12 +106,13 @@ class TrainConfig:
     deterministic: bool = _f(False, help="bit-reproducible on the CPU (slower)")
     max_steps: int | None = _f(None, min=1, help="stop after this many optimizer steps")
     log_every: int = _f(10, min=1, help="steps between host syncs for logging")
-    knn_every: int = _f(0, min=0, help="epochs between kNN monitor runs (0: only at the end)")
     on_nonfinite: str = _f("stop", choices=["stop", "skip"])
 
 
 @dataclass
 class EvalConfig:
+    knn_every: int = _f(0, min=0, help="epochs between kNN monitor runs on data.val_path (0: off); "
+                        "when on, the random-init network is measured first and the last epoch always")
     knn_k: int = _f(200, min=1)
     knn_temperature: float = _f(0.07, min=1e-6)
     pretrained: str | None = _f(None, help="checkpoint for linear/kNN evaluation")
@@ -259,8 +260,8 @@ def _build(cls: type, raw: Any, origin: _Origin, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, origin: _Origin) -> Any:
-    where = origin.of(key)
+def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, src: _Origin) -> Any:
+    where = src.of(key)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -278,7 +279,7 @@ def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, orig
         n = meta.get("length")
         if n is not None and len(value) != n:
             raise ConfigError(f"{where}: '{key}' must have {n} items, got {len(value)}: {value!r}")
-        value = [_check(v, args[0], {k: meta[k] for k in ("min", "max") if k in meta}, key, origin) for v in value]
+        value = [_check(v, args[0], {k: meta[k] for k in ("min", "max") if k in meta}, key, src) for v in value]
         return value
     if origin is dict:
         if not isinstance(value, dict):

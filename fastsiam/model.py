@@ -14,7 +14,6 @@ ResNet-50 at dim=2048, pred_dim=512 has 38.20 M parameters (mmpretrain's model c
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models

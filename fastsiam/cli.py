@@ -1,0 +1,229 @@
+"""The ``fastsiam`` command line: train, knn, linear, test, info, predict, plot.
+
+Every subcommand that takes ``--config`` also takes dotted ``section.key=value`` overrides
+and ``--print-config``. Errors a user can fix (a bad config key, a missing file, a wrong data
+format) are printed as one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastsiam.config import Config, ConfigError, describe, load_config
+
+log = logging.getLogger("fastsiam")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (overrides train.device)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    overrides = list(extra) + list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
+    return load_config(args.config, overrides)
+
+
+def _print_config_and_exit(cfg: Config) -> int:
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    extra = []
+    if args.data:
+        extra.append(f"data.train_path={args.data}")
+    if args.backend:
+        extra.append(f"data.backend={args.backend}")
+    if args.max_steps is not None:
+        extra.append(f"train.max_steps={args.max_steps}")
+    if args.seed is not None:
+        extra.append(f"train.seed={args.seed}")
+    if args.deterministic:
+        extra.append("train.deterministic=true")
+    if args.work_dir:
+        extra.append(f"output.work_dir={args.work_dir}")
+    cfg = _load(args, extra)
+    if args.print_config:
+        return _print_config_and_exit(cfg)
+
+    from fastsiam.trainer import Trainer
+
+    trainer = Trainer(cfg, resume=args.resume)
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        _print_train_summary(result)
+    from fastsiam import dist
+
+    dist.cleanup(trainer.dist)
+    return 0
+
+
+def _print_train_summary(result: Any) -> None:
+    lines = [f"work dir: {result.work_dir}", f"epochs: {result.epoch}, steps: {result.step}"
+             + (f" (stopped by {result.stopped_by})" if result.stopped_by else "")]
+    if result.last_loss is not None:
+        lines.append(f"final loss: {result.last_loss:.4f}  z-std (collapse monitor): {result.last_z_std:.4f}")
+    if result.knn:
+        rnd = result.knn_random_init.get("top1")
+        vs = f"  (same network at random init: {rnd:.2f}%)" if rnd is not None else ""
+        lines.append(f"kNN top-1 on val: {result.knn['top1']:.2f}%{vs}")
+    if result.checkpoint:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    print("\n".join(lines))
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    cfg = _load(args, [f"eval.pretrained={args.pretrained}"] if args.pretrained else [])
+    if args.print_config:
+        return _print_config_and_exit(cfg)
+    from fastsiam.evaluate import run_knn
+
+    res = run_knn(cfg, cfg.eval.pretrained)
+    print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    return 0
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    extra = [f"eval.pretrained={args.pretrained}"] if args.pretrained else []
+    if args.work_dir:
+        extra.append(f"output.work_dir={args.work_dir}")
+    cfg = _load(args, extra)
+    if args.print_config:
+        return _print_config_and_exit(cfg)
+    from fastsiam.evaluate import run_linear
+
+    res = run_linear(cfg, cfg.eval.pretrained)
+    print(f"linear eval: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  checkpoint: {res['checkpoint']}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.print_config:
+        return _print_config_and_exit(cfg)
+    from fastsiam.evaluate import run_test
+
+    res = run_test(cfg, args.checkpoint)
+    print(f"test: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_samples']} images)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from fastsiam.flops import model_info
+
+    info = model_info(args.name, image_size=args.image_size)
+    print(f"{info['name']}: {info['params_m']:.2f} M params, {info['gflops']:.2f} GFLOPs "
+          f"(multiply-accumulates per {args.image_size} px image)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fastsiam.api import inference_model
+
+    res = inference_model(args.model, args.image, pretrained=args.pretrained, device=args.device or "auto")
+    print(f"{args.image}: {res['pred_class']} (label {res['pred_label']}, score {res['pred_score']:.4f})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fastsiam.plot import plot_run
+
+    for path in plot_run(args.work_dir, out_dir=args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsiam", description=__doc__.splitlines()[0])
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="SimSiam pretraining (single process or under torchrun)")
+    _config_args(p)
+    p.add_argument("--data", help="training data path (overrides data.train_path)")
+    p.add_argument("--backend", help="loader backend (overrides data.backend)")
+    p.add_argument("--work-dir", help="run directory (default: work_dirs/<config name>)")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps, with a checkpoint")
+    p.add_argument("--resume", nargs="?", const="auto", help="'auto' (newest valid checkpoint in the work dir) or a path")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--deterministic", action="store_true", help="bit-reproducible CPU run")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("knn", help="weighted kNN accuracy of a pretrained backbone")
+    _config_args(p)
+    p.add_argument("--pretrained", help="checkpoint (fastsiam, official SimSiam, mmpretrain, torchvision)")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("linear", help="linear evaluation on a frozen pretrained backbone")
+    _config_args(p)
+    p.add_argument("--pretrained", help="pretrained checkpoint")
+    p.add_argument("--work-dir", help="run directory for the classifier")
+    p.set_defaults(func=cmd_linear)
+
+    p = sub.add_parser("test", help="top-1/top-5 of a linear classifier on the val split")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True, help="linear classifier checkpoint")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("info", help="parameters and FLOPs of a model name or config")
+    p.add_argument("name", help="a model name (fastsiam.list_models()) or a config file")
+    p.add_argument("--image-size", type=int, default=224)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="classify an image with a linear model")
+    p.add_argument("model", help="model name, config file or linear checkpoint")
+    p.add_argument("image", help="image file")
+    p.add_argument("--pretrained", help="weights for a model name or config")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("plot", help="PNG plots of a run's metrics")
+    p.add_argument("work_dir")
+    p.add_argument("--out", help="output folder (default: <work_dir>/plots)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.help_config:
+        print(describe())
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    from fastsiam.checkpoint import CheckpointError
+    from fastsiam.trainer import TrainingError
+
+    try:
+        return func(args)
+    except (*_USER_ERRORS, CheckpointError, TrainingError) as e:
+        print(f"fastsiam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["build_parser", "main"]

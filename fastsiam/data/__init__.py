@@ -1,0 +1,128 @@
+"""Loader backends behind one contract: ``build_loader(backend, path, ...)``.
+
+Backends are registered by name with the module that implements them; a backend's module is
+imported only when it is asked for, so optional libraries (ffcv, DALI) are never needed to
+import fastsiam. Each backend module defines ``build(path, **kwargs) -> Loader`` with the
+keyword arguments of :func:`build_loader`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.loader import Loader
+from fastsiam.data.sampler import EpochSampler
+
+__all__ = [
+    "EpochSampler", "EvalBatch", "Loader", "TwoViewBatch", "available_backends",
+    "build_loader", "build_loader_from_config", "register_backend",
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    module: str            # implements build(path, **kwargs)
+    needs: str | None      # the optional library it imports, for the install hint
+    install: str | None    # how to get it
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, module: str, needs: str | None = None, install: str | None = None) -> None:
+    """Make ``module`` (which defines ``build``) available as backend ``name``."""
+    _BACKENDS[name] = Backend(module, needs, install)
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+register_backend("pil", "fastsiam.data.pil_loader")
+register_backend("synthetic", "fastsiam.data.synthetic")
+register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader")
+register_backend("ffcv", "fastsiam.data.ffcv_loader", needs="ffcv",
+                 install="pip install 'fastsiam[ffcv]' (needs apt packages pkg-config libopencv-dev libturbojpeg0-dev)")
+register_backend("dali", "fastsiam.data.dali_loader", needs="nvidia.dali",
+                 install="pip install 'fastsiam[dali]' (nvidia-dali-cuda120)")
+
+
+def build_loader(
+    backend: str,
+    path: str | Path,
+    *,
+    batch_size: int,
+    image_size: int = 224,
+    scale: Sequence[float] = (0.2, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    workers: int = 4,
+    device: str | torch.device = "cpu",
+    split: str = "train",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    **backend_options: Any,
+) -> Loader:
+    """Build a loader of ``TwoViewBatch`` (``split="train"``) or ``EvalBatch`` (``"val"``).
+
+    Args:
+        backend: a registered name (``fastsiam.data.available_backends()``).
+        path: the data in the backend's format.
+        batch_size: samples per batch on this rank.
+        image_size: output side; val batches are resized to ``image_size / 0.875`` first
+            (256 for 224) and center-cropped.
+        scale, ratio: RandomResizedCrop ranges for both views.
+        workers: worker processes or threads.
+        device: where batches are delivered (channels_last).
+        split: ``train`` (two random views, shuffled) or ``val`` (one center view, in order).
+        seed: the epoch order and crops are a function of (seed, epoch, rank).
+        rank, world_size: this process's shard of every epoch.
+        drop_last: drop the incomplete last batch (training); see the sampler's padding rule.
+        backend_options: extra keyword arguments for the backend.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown loader backend {backend!r}; expected one of {', '.join(available_backends())}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
+    spec = _BACKENDS[backend]
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as e:
+        if spec.needs and spec.needs in str(e.name or e):
+            raise ImportError(
+                f"loader backend {backend!r} needs {spec.needs}, which is not installed: {spec.install}"
+            ) from e
+        raise
+    return module.build(
+        path, batch_size=batch_size, image_size=image_size, scale=tuple(scale), ratio=tuple(ratio),
+        workers=workers, device=torch.device(device), split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=drop_last, **backend_options,
+    )
+
+
+def build_loader_from_config(
+    data_cfg: Any, *, split: str = "train", device: str | torch.device = "cpu", seed: int = 0,
+    rank: int = 0, world_size: int = 1, path: str | Path | None = None, batch_size: int | None = None,
+) -> Loader:
+    """Build from the config's ``data`` section (``train_path`` or ``val_path`` by split)."""
+    if path is None:
+        path = data_cfg.train_path if split == "train" else data_cfg.val_path
+    if not path:
+        key = "data.train_path" if split == "train" else "data.val_path"
+        raise ValueError(f"config key '{key}' is empty: set it to the dataset for the {data_cfg.backend} backend")
+    return build_loader(
+        data_cfg.backend, path, batch_size=batch_size or data_cfg.batch_size,
+        image_size=data_cfg.image_size, scale=data_cfg.scale, ratio=data_cfg.ratio,
+        workers=data_cfg.workers, device=device, split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=split == "train", **data_cfg.options,
+    )

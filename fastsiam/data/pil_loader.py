@@ -1,0 +1,186 @@
+"""The reference loader: torchvision ImageFolder and the official SimSiam PIL transforms.
+
+This is the loader the official SimSiam code uses (a torch DataLoader decoding and augmenting
+each image in PIL on the CPU), kept as the baseline every benchmark compares against and as
+the fallback that needs nothing beyond torchvision.
+
+Modes (backend option ``augment``):
+
+- ``full`` (default): the whole official view pipeline on the CPU: RandomResizedCrop,
+  ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2, GaussianBlur sigma in
+  [0.1, 2] p=0.5 (PIL's blur with radius = sigma, as the official code), horizontal flip,
+  ToTensor, ImageNet normalization. Views are float32 and already normalized; the device-side
+  augmentation passes them through.
+- ``crop``: RandomResizedCrop only, uint8 views; flip and colour work happen on the device
+  like every fast backend (the apples-to-apples baseline for them).
+
+Each sample's random draws are a function of (seed, epoch, index) alone, so a run is
+reproducible whatever the number of workers or ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
+from fastsiam.data.loader import Loader
+from fastsiam.data.sampler import EpochSampler
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RandomGaussianBlurPIL:
+    """PIL Gaussian blur with radius drawn uniformly from ``sigma`` (the official loader's
+    ``GaussianBlur``), drawing from torch's RNG so per-sample seeding covers it."""
+
+    def __init__(self, sigma: Sequence[float] = (0.1, 2.0)):
+        self.sigma = tuple(sigma)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        s = float(torch.empty(()).uniform_(self.sigma[0], self.sigma[1]))
+        return img.filter(ImageFilter.GaussianBlur(radius=s))
+
+
+def official_view_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float]) -> transforms.Compose:
+    """The official SimSiam training view (main_simsiam.py), as a torchvision Compose."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([RandomGaussianBlurPIL((0.1, 2.0))], p=0.5),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def crop_view_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float]) -> transforms.Compose:
+    """RandomResizedCrop only, to uint8 ``[3, H, W]``."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio)),
+        transforms.PILToTensor(),
+    ])
+
+
+def eval_transform(image_size: int) -> transforms.Compose:
+    """Resize the short side to ``image_size / 0.875`` (256 for 224), center-crop, uint8."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size / 0.875)),
+        transforms.CenterCrop(image_size),
+        transforms.PILToTensor(),
+    ])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (splitmix64 of the triple)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    return x & (2**63 - 1)
+
+
+class TwoViewFolder(Dataset):
+    """ImageFolder samples as ``(view1, view2, label)`` (train) or ``(view, label)`` (val).
+
+    Items are addressed as ``(index, epoch)`` so that the epoch reaches persistent workers.
+    """
+
+    def __init__(self, folder: datasets.ImageFolder, view: transforms.Compose, two_views: bool, seed: int):
+        self.folder = folder
+        self.view = view
+        self.two_views = two_views
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
+        index, epoch = key
+        path, label = self.folder.samples[index]
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+        if not self.two_views:
+            return self.view(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.view(img), self.view(img), label
+
+
+class _EpochKeys:
+    """Batch sampler adapter: the sampler's index batches as ``(index, epoch)`` keys."""
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(i, epoch) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class PILLoader(Loader):
+    """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``."""
+
+    def __init__(self, dataset: TwoViewFolder, sampler: EpochSampler, workers: int, device: torch.device):
+        super().__init__(sampler)
+        self.dataset = dataset
+        self.device = device
+        self.classes = list(dataset.folder.classes)
+        self.num_classes = len(self.classes)
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=_EpochKeys(sampler),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
+        batch_type = TwoViewBatch if self.dataset.two_views else EvalBatch
+        for tensors in self._loader:
+            yield batch_type(*(to_device(t, self.device) for t in tensors))
+
+
+def build(
+    path: str | Path, *, batch_size: int, image_size: int, scale: Sequence[float], ratio: Sequence[float],
+    workers: int, device: torch.device, split: str, seed: int, rank: int, world_size: int,
+    drop_last: bool, augment: str = "full",
+) -> PILLoader:
+    """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"pil loader: {path} is not a directory; expected an ImageFolder (<path>/<class>/<image>)")
+    if augment not in ("full", "crop"):
+        raise ValueError(f"pil loader: option augment must be 'full' or 'crop', got {augment!r}")
+    try:
+        folder = datasets.ImageFolder(str(path))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"pil loader: {path} is not an ImageFolder: {e}") from None
+    train = split == "train"
+    if not train:
+        view = eval_transform(image_size)
+    elif augment == "full":
+        view = official_view_transform(image_size, scale, ratio)
+    else:
+        view = crop_view_transform(image_size, scale, ratio)
+    sampler = EpochSampler(
+        len(folder), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+        drop_last=drop_last,
+    )
+    return PILLoader(TwoViewFolder(folder, view, two_views=train, seed=seed), sampler, workers, device)
+
+
+__all__ = ["PILLoader", "build", "crop_view_transform", "eval_transform", "official_view_transform"]

@@ -1,0 +1,89 @@
+"""Process-group setup for torchrun, and the few collectives the trainer needs.
+
+fastsiam never launches processes itself: ``torchrun --nproc-per-node G [--nnodes N ...]
+-m fastsiam train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, and
+:func:`init_distributed` joins the group with NCCL on GPUs or gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks ``cuda:<local_rank>`` when a GPU exists, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name!r} asks for CUDA, but torch sees no GPU; use cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(backend: str, device: torch.device) -> DistInfo:
+    """Join torchrun's process group (no-op for a single process)."""
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistInfo()
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        torch_dist.barrier()
+
+
+def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any (e.g. a SIGTERM seen by one process)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t)
+    return t / info.world_size
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -1,0 +1,397 @@
+"""The SimSiam training loop: epochs, per-step LR, logging, checkpoints, resume, DDP, kNN monitor.
+
+The trainer only wires pieces that live elsewhere, each behind a factory:
+
+- data: ``fastsiam.data.build_loader_from_config`` (any registered backend);
+- device-side augmentation: ``fastsiam.augment.SimSiamAugment``;
+- optimizer and LR schedule: ``fastsiam.optim.build_optimizer`` / ``build_schedule``;
+- the training step (eager or CUDA graph): ``fastsiam.step.build_step``;
+- checkpoints: ``fastsiam.checkpoint``; records: ``fastsiam.metrics``.
+
+Host synchronization happens only every ``train.log_every`` steps: losses and the collapse
+monitor stay on the device until then, so a fast step is never stalled by logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastsiam
+from fastsiam import checkpoint as ckpt
+from fastsiam import dist
+from fastsiam.augment import SimSiamAugment
+from fastsiam.config import Config
+from fastsiam.data import build_loader_from_config
+from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
+from fastsiam.model import SimSiam
+from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.step import build_step
+
+log = logging.getLogger("fastsiam")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, a work dir in the wrong state...)."""
+
+
+@dataclass
+class TrainResult:
+    work_dir: Path
+    epoch: int
+    step: int
+    finished: bool
+    stopped_by: str | None = None          # "signal", "max_steps" or None
+    last_loss: float | None = None
+    last_z_std: float | None = None
+    knn: dict[str, float] = field(default_factory=dict)          # last kNN monitor result
+    knn_random_init: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+def default_work_dir(cfg: Config) -> Path:
+    return Path(cfg.output.work_dir or Path("work_dirs") / cfg.name)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (preemption-safe exit)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means now
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Train SimSiam as ``cfg`` says.
+
+    Args:
+        cfg: the resolved config.
+        work_dir: where config, metrics and checkpoints go (default: ``work_dirs/<name>``).
+        resume: ``None`` (a fresh run; refused if the work dir already holds one),
+            ``"auto"`` (the newest valid checkpoint in the work dir, or fresh if none) or a path.
+    """
+
+    def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None):
+        self.cfg = cfg
+        self.work_dir = Path(work_dir) if work_dir else default_work_dir(cfg)
+        self.resume = resume
+        local_rank = dist.local_rank_from_env()
+        self.device = dist.resolve_device(cfg.train.device, local_rank)
+        self.dist = dist.init_distributed(cfg.dist.backend, self.device)
+        self._seed_everything(cfg.train.seed + self.dist.rank)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.loader = build_loader_from_config(
+            cfg.data, split="train", device=self.device, seed=cfg.train.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+        )
+        self.steps_per_epoch = len(self.loader)
+        self.model = SimSiam(cfg.model.backbone, cfg.model.dim, cfg.model.pred_dim, cfg.model.small_input)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=memory_format)
+        self.train_module: nn.Module = self.model
+        if self.dist.enabled:
+            if cfg.model.sync_bn:
+                self.train_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = self.train_module  # type: ignore[assignment]
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+        self.global_batch = cfg.data.batch_size * self.dist.world_size
+        self.peak_lr = cfg.optim.lr * self.global_batch / 256
+        self.optimizer = build_optimizer(self.model, cfg.optim, lr=self.peak_lr, device=self.device)
+        self.schedule = build_schedule(
+            cfg.schedule, self.optimizer, base_lr=self.peak_lr, epochs=cfg.train.epochs,
+            steps_per_epoch=self.steps_per_epoch,
+        )
+        out_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp, torch.float32)
+        if self.device.type == "cpu" and out_dtype is torch.float16:
+            out_dtype = torch.float32
+        self.augment = SimSiamAugment.from_config(cfg.aug, out_dtype=out_dtype, channels_last=cfg.train.channels_last)
+        self.step_fn = build_step(
+            self.train_module, self.optimizer, self.augment, device=self.device, amp=cfg.train.amp,
+            channels_last=cfg.train.channels_last, mode=cfg.train.step,
+        )
+        self.logger = RunLogger(self.work_dir, enabled=False)  # replaced in fit() once the dir is checked
+        self.epoch = 0
+        self.step = 0
+        self.best_metric: float | None = None
+        self._knn_loaders: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------------------------------
+    # state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step_state": self.step_fn.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "best_metric": self.best_metric,
+            "config": self.cfg.to_dict(),
+            "world_size": self.dist.world_size,
+            "fastsiam_version": fastsiam.__version__,
+            "git_commit": _git_commit(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_fn.load_state_dict(state.get("step_state", {}))
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best_metric = state.get("best_metric")
+        loader_state = state.get("loader")
+        if loader_state is not None and state.get("world_size", 1) == self.dist.world_size:
+            self.loader.load_state_dict(loader_state)
+        else:
+            self.loader.set_epoch(self.epoch)
+        if self.dist.world_size == state.get("world_size", 1):
+            ckpt.set_rng_state(state["rng"])
+
+    def _save(self, name: str, *, prune: bool = True) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.state_dict(), self.work_dir / name)
+            if prune:
+                ckpt.prune(self.work_dir, self.cfg.output.keep_last)
+        dist.barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self._prepare_work_dir()
+        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main, tensorboard=cfg.output.tensorboard)
+        result = TrainResult(self.work_dir, self.epoch, self.step, finished=False)
+        max_steps = cfg.train.max_steps
+        total_steps = cfg.train.epochs * self.steps_per_epoch
+        if max_steps is not None:
+            total_steps = min(total_steps, max_steps)
+        if self.dist.is_main:
+            log.info("training %s on %s: %d x %d images/step, peak lr %.4g, %d steps/epoch, work dir %s",
+                     cfg.model.backbone, self.device, self.dist.world_size, cfg.data.batch_size,
+                     self.peak_lr, self.steps_per_epoch, self.work_dir)
+        if cfg.eval.knn_every and self.step == 0:
+            result.knn_random_init = self._knn("random init")
+
+        bar = progress(total_steps * self.global_batch, self.step * self.global_batch, "train", self.dist.is_main)
+        with _StopSignal() as stop:
+            while self.epoch < cfg.train.epochs:
+                epoch_loss, completed = self._run_epoch(bar, stop, result, max_steps)
+                if completed:
+                    self._end_epoch(epoch_loss, result)
+                if result.stopped_by is None and max_steps is not None and self.step >= max_steps:
+                    result.stopped_by = "max_steps"
+                if result.stopped_by is not None:
+                    if not completed:
+                        result.checkpoint = self._save(f"step_{self.step:08d}.pt")
+                    self.logger.log({"event": "stopped", "reason": result.stopped_by, "step": self.step})
+                    break
+        bar.close()
+        result.epoch, result.step = self.epoch, self.step
+        result.finished = self.epoch >= cfg.train.epochs
+        if result.finished:
+            self.logger.log({"event": "finished", "epoch": self.epoch, "step": self.step})
+        self.logger.close()
+        return result
+
+    def _end_epoch(self, epoch_loss: float, result: TrainResult) -> None:
+        """Epoch bookkeeping: kNN monitor when due, the epoch checkpoint, the best one."""
+        cfg = self.cfg
+        self.epoch += 1
+        self.loader.set_epoch(self.epoch)
+        metric = -epoch_loss  # higher is better; kNN top-1 replaces it when monitored
+        every = cfg.eval.knn_every
+        if every and (self.epoch % every == 0 or self.epoch == cfg.train.epochs):
+            result.knn = self._knn(f"epoch {self.epoch}")
+            metric = result.knn.get("top1", metric)
+        result.checkpoint = self._save(f"epoch_{self.epoch:04d}.pt")
+        if self.best_metric is None or metric > self.best_metric:
+            self.best_metric = metric
+            self._save("best.pt", prune=False)
+
+    def _run_epoch(self, bar: Any, stop: _StopSignal, result: TrainResult,
+                   max_steps: int | None) -> tuple[float, bool]:
+        """Train until the epoch ends, a stop signal, or ``max_steps``.
+
+        Returns the epoch's mean loss so far and whether the epoch was completed. Host syncs
+        (logging, the non-finite check) happen every ``train.log_every`` steps only.
+        """
+        cfg = self.cfg
+        losses: list[torch.Tensor] = []      # device tensors since the last sync
+        stds: list[torch.Tensor] = []
+        loss_sum, loss_n = 0.0, 0
+        window_start = time.perf_counter()
+        data_wait = 0.0
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            data_wait += time.perf_counter() - t0
+            if batch is None:
+                return loss_sum / max(loss_n, 1), True
+            self.schedule.set(self.step)
+            out = self.step_fn(batch)
+            losses.append(out.loss.detach())
+            stds.append(out.z_std.detach())
+            self.step += 1
+            bar.update(self.global_batch)
+            end_of_epoch = self.loader.sampler.start_batch >= self.steps_per_epoch
+            hit_max = max_steps is not None and self.step >= max_steps
+            # A single process sees its own signal flag for free; ranks agree at sync points.
+            stop_now = stop.received is not None and not self.dist.enabled
+            if not (len(losses) >= cfg.train.log_every or end_of_epoch or hit_max or stop_now):
+                continue
+            elapsed = time.perf_counter() - window_start
+            loss_vals = dist.all_reduce_mean(torch.stack(losses).float(), self.dist).cpu()
+            z = dist.all_reduce_mean(torch.stack(stds).float(), self.dist).mean().item()
+            self._check_finite(loss_vals, first_step=self.step - len(losses))
+            loss = loss_vals.mean().item()
+            loss_sum += loss_vals.sum().item()
+            loss_n += len(losses)
+            record = {
+                "epoch": self.epoch, "step": self.step, "loss": loss, "z_std": z,
+                "z_std_healthy": 1.0 / math.sqrt(cfg.model.dim),
+                "lr": self.schedule.lr_at(self.step - 1),
+                "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
+                "data_wait": data_wait / max(elapsed, 1e-9),
+            }
+            self.logger.log(record)
+            bar.set_postfix(loss=f"{loss:.4f}", z_std=f"{z:.4f}", lr=f"{record['lr']:.3g}")
+            result.last_loss, result.last_z_std = loss, z
+            losses, stds = [], []
+            window_start, data_wait = time.perf_counter(), 0.0
+            if dist.broadcast_flag(stop.received is not None, self.dist, self.device):
+                result.stopped_by = "signal"
+            if result.stopped_by is not None or hit_max:
+                return loss_sum / max(loss_n, 1), end_of_epoch
+
+    def _check_finite(self, loss_vals: torch.Tensor, first_step: int) -> None:
+        bad = (~torch.isfinite(loss_vals)).nonzero()
+        if len(bad) == 0:
+            return
+        step = first_step + int(bad[0]) + 1
+        msg = f"non-finite loss ({loss_vals[int(bad[0])].item()}) at step {step} (epoch {self.epoch})"
+        if self.cfg.train.on_nonfinite == "stop":
+            path = self._save("debug_nonfinite.pt", prune=False)
+            self.logger.log({"event": "nonfinite", "step": step, "checkpoint": str(path)})
+            raise TrainingError(f"{msg}; wrote {path} for debugging. Lower optim.lr, use train.amp=bf16, "
+                                f"or set train.on_nonfinite=skip")
+        log.warning("%s: skipped", msg)
+
+    # ------------------------------------------------------------------------------------
+    # helpers
+
+    def _knn(self, label: str) -> dict[str, float]:
+        """The kNN monitor on data.val_path (rank 0 computes; the others wait)."""
+        from fastsiam.evaluate import knn_evaluate
+
+        res: dict[str, float] = {}
+        if self.dist.is_main:
+            if not self.cfg.data.val_path:
+                raise TrainingError("eval.knn_every > 0 needs data.val_path (the split to classify)")
+            if self._knn_loaders is None:
+                common = {"device": self.device, "seed": self.cfg.train.seed}
+                self._knn_loaders = (
+                    build_loader_from_config(self.cfg.data, split="val", path=self.cfg.data.train_path, **common),
+                    build_loader_from_config(self.cfg.data, split="val", **common),
+                )
+            was_training = self.model.training
+            self.model.eval()
+            res = knn_evaluate(
+                self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
+                temperature=self.cfg.eval.knn_temperature, device=self.device,
+                mean=self.cfg.aug.mean, std=self.cfg.aug.std,
+            )
+            self.model.train(was_training)
+            self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
+                             **{f"knn_{k}": v for k, v in res.items()}})
+            log.info("kNN (%s): %s", label, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+        dist.barrier(self.dist)
+        return res
+
+    def _prepare_work_dir(self) -> None:
+        """Refuse to mix runs; load the checkpoint to resume; write the resolved config."""
+        wd = self.work_dir
+        existing = ckpt.periodic_checkpoints(wd)
+        if self.resume is None and existing:
+            raise TrainingError(
+                f"work dir {wd} already holds a run ({existing[-1].name}); pass --resume auto to continue it "
+                f"or --work-dir for a new one"
+            )
+        if self.resume is not None:
+            if self.resume == "auto":
+                found = ckpt.find_resumable(wd)
+                if found is not None:
+                    path, state = found
+                    self.load_state_dict(state)
+                    log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+                elif existing:
+                    raise TrainingError(f"work dir {wd}: no readable checkpoint to resume from")
+            else:
+                self.load_state_dict(ckpt.load_checkpoint(self.resume))
+                log.info("resumed from %s (epoch %d, step %d)", self.resume, self.epoch, self.step)
+        if self.epoch >= self.cfg.train.epochs:
+            raise TrainingError(f"work dir {wd} already holds a finished run ({self.epoch} of "
+                                f"{self.cfg.train.epochs} epochs); raise train.epochs or use another --work-dir")
+        if self.dist.is_main:
+            try:
+                wd.mkdir(parents=True, exist_ok=True)
+                from fastsiam.io import atomic_open
+
+                with atomic_open(wd / CONFIG_FILE, "w") as f:
+                    f.write(self.cfg.to_yaml())
+            except PermissionError as e:
+                raise TrainingError(f"work dir {wd} is not writable: {e.strerror}") from None
+        dist.barrier(self.dist)
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
