@@ -1,0 +1,198 @@
+"""Evaluation of a representation: weighted kNN, linear classification, and testing.
+
+- kNN: the weighted k-nearest-neighbour classifier of Wu et al., "Unsupervised Feature
+  Learning via Non-Parametric Instance Discrimination" (CVPR 2018), as used by MoCo and the
+  SimSiam paper's monitor: cosine similarity on l2-normalized pooled features, the k nearest
+  training images vote for their class with weight ``exp(sim / T)`` (k=200, T=0.07).
+- Linear evaluation: the SimSiam paper's protocol (frozen encoder, a linear classifier
+  trained with LARS, batch 4096, lr 0.1 x batch / 256, cosine, 90 epochs); see
+  :func:`train_linear`.
+- Test: top-1 / top-5 of a linear classifier on the val split (:func:`evaluate_classifier`).
+
+The train-set "memory bank" for kNN is the training folder read in ``split="val"`` mode
+(resize and center crop, no augmentation), as in the InstDisc/MoCo monitors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastsiam.data import EvalBatch
+from fastsiam.metrics import progress
+
+FeatureFn = Callable[[Tensor], Tensor]
+
+
+def normalize_view(view: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``[B,3,H,W]`` in [0, 255] -> float32 normalized by ``mean``/``std`` (in [0, 1]
+    units); floating views are taken as already normalized by their loader."""
+    if view.is_floating_point():
+        return view.float()
+    m = torch.tensor(mean, device=view.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=view.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return (view.float() - m) / s
+
+
+def _feature_fn(model_or_fn: nn.Module | FeatureFn) -> FeatureFn:
+    extract = getattr(model_or_fn, "extract_feat", None)
+    if callable(extract):
+        return extract
+    if callable(model_or_fn):
+        return model_or_fn
+    raise TypeError(f"expected a model with extract_feat(x) or a callable, got {type(model_or_fn).__name__}")
+
+
+@torch.no_grad()
+def extract_features(
+    model_or_backbone_fn: nn.Module | FeatureFn,
+    loader: Iterable[EvalBatch],
+    device: str | torch.device,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    desc: str = "features",
+    show_progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Pooled features of every image of ``loader`` (an :class:`EvalBatch` loader).
+
+    Args:
+        model_or_backbone_fn: a model with ``extract_feat(x)`` (SimSiam, a linear classifier)
+            or any callable mapping a normalized ``[B,3,H,W]`` batch to ``[B, D]``. Put the
+            model in eval mode first (BatchNorm must use its running statistics).
+        loader: yields ``EvalBatch(view, label)``; uint8 views are normalized here.
+        device: where the forward passes run.
+        mean, std: normalization in [0, 1] units (the config's ``aug.mean`` / ``aug.std``).
+        desc: progress-bar label (the bar counts images, so its rate reads as images/s).
+        show_progress: show the tqdm bar.
+
+    Returns:
+        ``(features [N, D] float32, labels [N] int64)``, both on ``device``.
+    """
+    device = torch.device(device)
+    fn = _feature_fn(model_or_backbone_fn)
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    total = _num_images(loader)
+    with progress(total or 0, 0, desc, enabled=show_progress) as bar:
+        for batch in loader:
+            view = batch.view.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = normalize_view(view, mean, std)
+            f = fn(x)
+            if f.dim() != 2:
+                raise ValueError(f"feature extractor returned shape {tuple(f.shape)}; expected [B, D] pooled features")
+            feats.append(f.float())
+            labels.append(batch.label.to(device, non_blocking=True).long())
+            bar.update(len(x))
+    if not feats:
+        raise ValueError("the loader yielded no batches; is the dataset empty?")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _num_images(loader: object) -> int | None:
+    """Images per epoch when the loader can tell (for the progress bar's total)."""
+    sampler = getattr(loader, "sampler", None)
+    n = getattr(sampler, "num_samples", None)
+    return int(n) if isinstance(n, int) else None
+
+
+@torch.no_grad()
+def knn_predict(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Class scores ``[M, num_classes]`` of the weighted kNN vote (InstDisc weighting).
+
+    Each test feature's ``k`` most cosine-similar training features vote for their label
+    with weight ``exp(sim / temperature)``. Test features are processed ``chunk_size`` at a
+    time so the ``[chunk, N]`` similarity matrix bounds memory (N = 1.28 M for ImageNet).
+    """
+    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D]; got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
+    if len(train_labels) != len(train_feats):
+        raise ValueError(f"{len(train_feats)} training features but {len(train_labels)} labels")
+    if train_labels.numel() and int(train_labels.max()) >= num_classes:
+        raise ValueError(f"label {int(train_labels.max())} out of range for num_classes={num_classes}")
+    k = min(k, len(train_feats))
+    bank = F.normalize(train_feats.float(), dim=1)
+    bank_labels = train_labels.to(bank.device).long()
+    scores = []
+    for start in range(0, len(test_feats), chunk_size):
+        q = F.normalize(test_feats[start:start + chunk_size].to(bank.device).float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        weight = (sim / temperature).exp()
+        votes = torch.zeros(len(q), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[idx], weight)
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=bank.device)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Percent of rows whose label is among the ``k`` highest scores, for each ``k``
+    (``k`` is capped at the number of classes, so top-5 of a 4-class problem is 100)."""
+    labels = labels.to(scores.device)
+    if len(labels) == 0:
+        raise ValueError("no samples to score")
+    order = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = order == labels[:, None]
+    return [hit[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() * 100.0 for k in ks]
+
+
+def knn_classify(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.07,
+) -> tuple[float, float]:
+    """Weighted kNN top-1 and top-5 accuracy (percent) of ``test_feats`` against the bank."""
+    scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
+    top1, top5 = topk_accuracy(scores, test_labels, (1, 5))
+    return top1, top5
+
+
+def knn_evaluate(
+    model: nn.Module | FeatureFn,
+    train_loader: Iterable[EvalBatch],
+    val_loader: Iterable[EvalBatch],
+    *,
+    k: int = 200,
+    temperature: float = 0.07,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    num_classes: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """kNN accuracy of ``model.extract_feat`` features: ``{"top1": %, "top5": %}``.
+
+    ``train_loader`` is the memory bank (the training folder read with ``split="val"``),
+    ``val_loader`` the images to classify. The model is switched to eval mode for the
+    duration and restored after. ``num_classes`` defaults to the loader's, else the largest
+    label + 1.
+    """
+    was_training = getattr(model, "training", None)
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        bank, bank_labels = extract_features(model, train_loader, device, mean=mean, std=std,
+                                             desc="kNN bank", show_progress=show_progress)
+        feats, labels = extract_features(model, val_loader, device, mean=mean, std=std,
+                                         desc="kNN val", show_progress=show_progress)
+    finally:
+        if isinstance(model, nn.Module) and was_training is not None:
+            model.train(was_training)
+    if num_classes is None:
+        num_classes = getattr(train_loader, "num_classes", None) or int(max(bank_labels.max(), labels.max())) + 1
+    top1, top5 = knn_classify(bank, bank_labels, feats, labels, num_classes, k, temperature)
+    return {"top1": top1, "top5": top5}
