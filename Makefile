@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Both start with the same idempotent
+# setup (scripts/setup.sh: .venv, apt packages for ffcv, torch, the project with all extras).
+PY := .venv/bin/python
+TOY := data/toy_imagenet
+DEMO_CONFIG := configs/simsiam_resnet18_toy-demo.yaml
+DEMO_DIR := work_dirs/toy_demo
+
+.PHONY: setup demo test lint bench-smoke clean-demo
+
+setup:
+	@bash scripts/setup.sh
+
+$(TOY)/train:
+	$(PY) data_prep/make_toy_imagenet.py --out $(TOY)
+
+# Generate the toy ImageNet, then train SimSiam on it from scratch (a fresh run each time)
+# and print loss, the collapse monitor, images/s and kNN top-1 against random init.
+demo: setup $(TOY)/train
+	rm -rf $(DEMO_DIR)
+	$(PY) -m fastsiam train --config $(DEMO_CONFIG) --work-dir $(DEMO_DIR)
+	$(PY) -m fastsiam plot $(DEMO_DIR)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+clean-demo:
+	rm -rf $(DEMO_DIR) $(TOY)
