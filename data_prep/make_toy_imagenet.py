@@ -41,143 +41,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-MAX_CLASSES = 1000
+try:
+    from data_prep.toy_shapes import class_shape, num_shapes
+except ModuleNotFoundError:  # run as a script: python data_prep/make_toy_imagenet.py
+    from toy_shapes import class_shape, num_shapes  # type: ignore[no-redef]
+
+MAX_WNIDS = 1000
 JPEG_QUALITY = 90
 SUMMARY_NAME = "toy_imagenet.json"
 
-# A shape is a list of layers (polygon in unit coordinates, value): value 255 paints the
-# polygon into the object's mask, 0 cuts it out again (holes, crescents).
-Layer = tuple[np.ndarray, int]
-
-
-# ----------------------------------------------------------------------------- shapes
-
-
-def _ellipse(r: float = 1.0, cx: float = 0.0, cy: float = 0.0, n: int = 72) -> np.ndarray:
-    t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
-    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
-
-
-def _radial(radii: np.ndarray, phase: float = -math.pi / 2) -> np.ndarray:
-    t = phase + np.linspace(0.0, 2.0 * math.pi, len(radii), endpoint=False)
-    return np.stack([radii * np.cos(t), radii * np.sin(t)], axis=1)
-
-
-def _regular(sides: int, r: float = 1.0) -> np.ndarray:
-    return _radial(np.full(sides, r))
-
-
-def _star(points: int, inner: float) -> np.ndarray:
-    return _radial(np.tile([1.0, inner], points))
-
-
-def _gear(teeth: int, depth: float) -> np.ndarray:
-    # Four vertices per tooth: two on the tip circle, two on the root circle.
-    return _radial(np.tile([1.0, 1.0, 1.0 - depth, 1.0 - depth], teeth), phase=0.0)
-
-
-def _spiral(turns: float = 2.2, width: float = 0.09, n: int = 160) -> np.ndarray:
-    t = np.linspace(0.0, 2.0 * math.pi * turns, n)
-    r = 0.15 + 0.85 * t / t[-1]
-    outer = np.stack([(r + width) * np.cos(t), (r + width) * np.sin(t)], axis=1)
-    inner = np.stack([(r - width) * np.cos(t), (r - width) * np.sin(t)], axis=1)
-    return np.concatenate([outer, inner[::-1]])
-
-
-def _heart(n: int = 80) -> np.ndarray:
-    t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
-    x = 16 * np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-    return np.stack([x, y], axis=1) / 17.0
-
-
-def _poly(*points: tuple[float, float]) -> np.ndarray:
-    return np.asarray(points, dtype=np.float64)
-
-
-_NAMED: dict[str, list[Layer]] = {
-    "circle": [(_ellipse(), 255)],
-    "triangle": [(_regular(3), 255)],
-    "square": [(_regular(4), 255)],
-    "star": [(_star(5, 0.42), 255)],
-    "cross": [(_poly((-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3),
-                     (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)),
-               255)],
-    "ring": [(_ellipse(), 255), (_ellipse(0.6), 0)],
-    "square_frame": [(_regular(4), 255), (_regular(4, 0.6), 0)],
-    "crescent": [(_ellipse(), 255), (_ellipse(0.85, cx=0.45), 0)],
-    "arrow": [(_poly((-1, -0.22), (0.2, -0.22), (0.2, -0.62), (1, 0), (0.2, 0.62),
-                     (0.2, 0.22), (-1, 0.22)), 255)],
-    "heart": [(_heart(), 255)],
-    "spiral": [(_spiral(), 255)],
-    "tee": [(_poly((-1, -1), (1, -1), (1, -0.55), (0.22, -0.55), (0.22, 1), (-0.22, 1),
-                   (-0.22, -0.55), (-1, -0.55)), 255)],
-    "hourglass": [(_poly((-0.8, -1), (0.8, -1), (0.1, 0), (0.8, 1), (-0.8, 1), (-0.1, 0)),
-                   255)],
-    "gear": [(_gear(10, 0.25), 255), (_ellipse(0.3), 0)],
-    "lightning": [(_poly((-0.25, -1), (0.5, -1), (0.1, -0.15), (0.55, -0.15), (-0.4, 1),
-                         (-0.1, 0.12), (-0.55, 0.12)), 255)],
-    "three_dots": [(_ellipse(0.36, 0.6 * math.cos(a), 0.6 * math.sin(a)), 255)
-                   for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)],
-    "semicircle": [(np.concatenate([_ellipse(n=73)[:37], [[-1.0, 0.0]]]), 255)],
-    "ell": [(_poly((-0.7, -1), (-0.2, -1), (-0.2, 0.5), (0.7, 0.5), (0.7, 1), (-0.7, 1)),
-             255)],
-}
-NAMED_SHAPES: tuple[str, ...] = tuple(_NAMED)
-
-
-def _parametric(index: int) -> tuple[str, list[Layer]]:
-    """A shape for a class beyond the named list, its parameters fixed by the class index."""
-    rng = np.random.default_rng([0x5EED, index])
-    family = index % 4
-    if family == 0:
-        points = int(rng.choice([3, 4, 6, 7, 8, 9, 10, 11, 12]))
-        inner = float(rng.uniform(0.3, 0.75))
-        return f"star{points}_{inner:.2f}", [(_star(points, inner), 255)]
-    if family == 1:
-        sides = int(rng.choice([3, 5, 6, 7, 8]))
-        keep = float(rng.uniform(0.45, 0.75))
-        return f"frame{sides}_{keep:.2f}", [(_regular(sides), 255), (_regular(sides, keep), 0)]
-    if family == 2:
-        t = np.linspace(0.0, 2.0 * math.pi, 96, endpoint=False)
-        r = np.ones_like(t)
-        for j in range(2, 6):
-            r += rng.uniform(0.0, 0.3) * np.cos(j * t + rng.uniform(0, 2 * math.pi))
-        r = np.maximum(r, 0.25)
-        return f"blob{index}", [(_radial(r / r.max()), 255)]
-    teeth = int(rng.integers(5, 15))
-    depth = float(rng.uniform(0.15, 0.35))
-    hole = float(rng.choice([0.0, rng.uniform(0.2, 0.45)]))
-    layers = [(_gear(teeth, depth), 255)]
-    if hole > 0:
-        layers.append((_ellipse(hole), 0))
-    return f"gear{teeth}_{depth:.2f}_{hole:.2f}", layers
-
-
-def class_shape(index: int) -> tuple[str, list[Layer]]:
-    """Name and layers of the shape that is class ``index``'s label."""
-    if index < len(NAMED_SHAPES):
-        name = NAMED_SHAPES[index]
-        return name, _NAMED[name]
-    return _parametric(index)
-
-
-def shape_mask(index: int, size: int, angle: float = 0.0, mirror: bool = False) -> np.ndarray:
-    """Class ``index``'s shape as a boolean ``size x size`` mask (unit circle = image)."""
-    _, layers = class_shape(index)
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    c, s = math.cos(angle), math.sin(angle)
-    for poly, value in layers:
-        x, y = poly[:, 0] * (-1 if mirror else 1), poly[:, 1]
-        pts = np.stack([c * x - s * y, s * x + c * y], axis=1) * (size / 2 - 1) + size / 2
-        draw.polygon([tuple(p) for p in pts], fill=value)
-    return np.asarray(mask) > 0
-
-
 def class_wnids(num_classes: int) -> list[str]:
     """ImageNet-like wnids (``n`` + 8 digits), increasing, the same prefix for any count."""
-    gaps = np.random.default_rng(1440764).integers(1000, 90000, size=MAX_CLASSES)
+    if not 0 <= num_classes <= MAX_WNIDS:
+        raise ValueError(f"num_classes={num_classes}: expected 0..{MAX_WNIDS}")
+    gaps = np.random.default_rng(1440764).integers(1000, 90000, size=MAX_WNIDS)
     ids = 1440764 + np.cumsum(gaps) - gaps[0]
     return [f"n{int(i):08d}" for i in ids[:num_classes]]
 
@@ -304,8 +181,9 @@ def _write_one(task: tuple[str, tuple[int, ...], int, int, int, str]) -> None:
 
 def _check_args(num_classes: int, train_per_class: int, val_per_class: int, min_side: int,
                 max_side: int, quirks: bool, workers: int) -> None:
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes={num_classes}: expected 1..{MAX_CLASSES}")
+    if not 1 <= num_classes <= num_shapes():
+        raise ValueError(f"num_classes={num_classes}: expected 1..{num_shapes()} (one "
+                         "distinct shape per class)")
     if train_per_class < 1 or val_per_class < 1:
         raise ValueError(f"train_per_class={train_per_class}, val_per_class={val_per_class}: "
                          "expected at least 1 image per class in each split")
@@ -327,7 +205,8 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
 
     Args:
         root: Output folder. It must not exist or be empty unless ``overwrite``.
-        num_classes: Number of classes (1 to 1000); class ``i`` is shape ``class_shape(i)``.
+        num_classes: Number of classes, 1 to ``num_shapes()`` (about 100); class ``i`` is
+            the shape ``class_shape(i)``.
         train_per_class: Train images per class.
         val_per_class: Val images per class.
         seed: Seed of every random choice; the same arguments give byte-identical files.
@@ -340,9 +219,12 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
         workers: Processes to paint with; the output does not depend on it.
 
     Returns:
-        A dict with ``root``, ``classes`` (wnids), ``shapes``, ``counts``
+        A dict with ``root`` (absolute Path), ``classes`` (wnids, in class index order),
+        ``shapes`` (the shape name of each class), ``counts``
         (``{"train": {wnid: n}, "val": {...}}``), ``seed`` and ``quirks``
-        (``{"grayscale": [...], "cmyk": [...], "png": [...]}`` absolute file paths).
+        (``{"grayscale": [...], "cmyk": [...], "png": [...]}``, absolute Paths). The same
+        record, with quirk paths relative to ``root``, is written to
+        ``<root>/toy_imagenet.json``.
 
     The images are painted into a hidden sibling folder that is renamed to ``root`` only
     when complete, so an interrupted run never leaves a complete-looking dataset.
@@ -357,39 +239,12 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
             raise FileExistsError(f"{root}: output folder exists and is not empty; "
                                   "pass overwrite=True (--overwrite) to replace it")
     wnids = class_wnids(num_classes)
-
-    # Quirky files at seeded positions; they keep their painted content, only the encoding
-    # changes, as in ImageNet.
-    pick = np.random.default_rng([seed, 7])
-    train_slots = pick.choice(num_classes * train_per_class, size=4 if quirks else 0,
-                              replace=False)
-    val_slots = pick.choice(num_classes * val_per_class, size=1 if quirks else 0,
-                            replace=False)
-    quirk_of = {("train", int(s)): q for s, q in
-                zip(train_slots, ("grayscale", "grayscale", "cmyk", "png"))}
-    quirk_of.update({("val", int(s)): "grayscale" for s in val_slots})
-
-    tasks, relpaths, quirk_files = [], {}, {"grayscale": [], "cmyk": [], "png": []}
-    for split_id, (split, per_class) in enumerate((("train", train_per_class),
-                                                  ("val", val_per_class))):
-        for c, wnid in enumerate(wnids):
-            for i in range(per_class):
-                slot = c * per_class + i
-                name = (f"{wnid}_{i}.JPEG" if split == "train"
-                        else f"ILSVRC2012_val_{slot + 1:08d}.JPEG")
-                rel = f"{split}/{wnid}/{name}"
-                quirk = quirk_of.get((split, slot), "")
-                if quirk:
-                    quirk_files[quirk].append(str(root.absolute() / rel))
-                tasks.append((rel, (seed, split_id, c, i), c, min_side, max_side, quirk))
-                relpaths.setdefault(split, {}).setdefault(wnid, 0)
-                relpaths[split][wnid] += 1
-
-    summary = {
-        "root": str(root.absolute()),
+    tasks, counts, quirk_files = _plan(wnids, train_per_class, val_per_class, seed, min_side,
+                                       max_side, quirks)
+    record = {
         "classes": wnids,
         "shapes": [class_shape(c)[0] for c in range(num_classes)],
-        "counts": relpaths,
+        "counts": counts,
         "seed": seed,
         "quirks": quirk_files,
     }
@@ -409,12 +264,48 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
             with ProcessPoolExecutor(workers) as pool:
                 list(pool.map(_write_one, jobs, chunksize=16))
         with open(tmp / SUMMARY_NAME, "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "root"}, f, indent=1)
+            json.dump(record, f, indent=1)
         _replace_folder(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary
+    root = root.absolute()
+    quirk_paths = {q: [root / rel for rel in rels] for q, rels in quirk_files.items()}
+    return {**record, "root": root, "quirks": quirk_paths}
+
+
+def _plan(wnids: list[str], train_per_class: int, val_per_class: int, seed: int,
+          min_side: int, max_side: int, quirks: bool) -> tuple[list, dict, dict]:
+    """The painting tasks (relative path, RNG key, class, sides, quirk), counts, quirk files."""
+    # Quirky files at seeded positions; they keep their painted content, only the encoding
+    # changes, as in ImageNet. Each image has its own RNG key, so workers cannot reorder it.
+    pick = np.random.default_rng([seed, 7])
+    train_slots = pick.choice(len(wnids) * train_per_class, size=4 if quirks else 0,
+                              replace=False)
+    val_slots = pick.choice(len(wnids) * val_per_class, size=1 if quirks else 0,
+                            replace=False)
+    quirk_of = {("train", int(s)): q for s, q in
+                zip(train_slots, ("grayscale", "grayscale", "cmyk", "png"))}
+    quirk_of.update({("val", int(s)): "grayscale" for s in val_slots})
+
+    tasks: list = []
+    counts: dict[str, dict[str, int]] = {"train": {}, "val": {}}
+    quirk_files: dict[str, list[str]] = {"grayscale": [], "cmyk": [], "png": []}
+    for split_id, (split, per_class) in enumerate((("train", train_per_class),
+                                                  ("val", val_per_class))):
+        for c, wnid in enumerate(wnids):
+            counts[split][wnid] = per_class
+            for i in range(per_class):
+                slot = c * per_class + i
+                # ImageNet's names: <wnid>_<n>.JPEG in train, numbered val files.
+                name = (f"{wnid}_{i}.JPEG" if split == "train"
+                        else f"ILSVRC2012_val_{slot + 1:08d}.JPEG")
+                rel = f"{split}/{wnid}/{name}"
+                quirk = quirk_of.get((split, slot), "")
+                if quirk:
+                    quirk_files[quirk].append(rel)
+                tasks.append((rel, (seed, split_id, c, i), c, min_side, max_side, quirk))
+    return tasks, counts, quirk_files
 
 
 def _replace_folder(new: Path, root: Path) -> None:
@@ -434,7 +325,7 @@ def _replace_folder(new: Path, root: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (ImageNet layout)")
-    parser.add_argument("--classes", type=int, default=10, help="number of classes (<= 1000)")
+    parser.add_argument("--classes", type=int, default=10, help=f"number of classes (<= {num_shapes()})")
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--val-per-class", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
