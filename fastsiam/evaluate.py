@@ -15,15 +15,27 @@ The train-set "memory bank" for kNN is the training folder read in ``split="val"
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastsiam.data import EvalBatch
-from fastsiam.metrics import progress
+from fastsiam.classifier import LinearClassifier
+from fastsiam.config import Config, from_dict
+from fastsiam.data import EvalBatch, Loader, build_loader_from_config
+from fastsiam.dist import launched_by_torchrun, resolve_device
+from fastsiam.io import atomic_open
+from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
+from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.weights import load_pretrained, save_linear_checkpoint
 
+LINEAR_CHECKPOINT = "last.pt"
 FeatureFn = Callable[[Tensor], Tensor]
 
 
@@ -55,6 +67,7 @@ def extract_features(
     mean: Sequence[float],
     std: Sequence[float],
     desc: str = "features",
+    amp: str = "none",
     show_progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Pooled features of every image of ``loader`` (an :class:`EvalBatch` loader).
@@ -67,6 +80,7 @@ def extract_features(
         device: where the forward passes run.
         mean, std: normalization in [0, 1] units (the config's ``aug.mean`` / ``aug.std``).
         desc: progress-bar label (the bar counts images, so its rate reads as images/s).
+        amp: ``bf16`` / ``fp16`` autocast on CUDA (``none``: float32); see :func:`autocast`.
         show_progress: show the tqdm bar.
 
     Returns:
@@ -81,7 +95,8 @@ def extract_features(
         for batch in loader:
             view = batch.view.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             x = normalize_view(view, mean, std)
-            f = fn(x)
+            with autocast(device, amp):
+                f = fn(x)
             if f.dim() != 2:
                 raise ValueError(f"feature extractor returned shape {tuple(f.shape)}; expected [B, D] pooled features")
             feats.append(f.float())
@@ -172,6 +187,7 @@ def knn_evaluate(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     num_classes: int | None = None,
+    amp: str = "none",
     show_progress: bool = True,
 ) -> dict[str, float]:
     """kNN accuracy of ``model.extract_feat`` features: ``{"top1": %, "top5": %}``.
@@ -179,16 +195,16 @@ def knn_evaluate(
     ``train_loader`` is the memory bank (the training folder read with ``split="val"``),
     ``val_loader`` the images to classify. The model is switched to eval mode for the
     duration and restored after. ``num_classes`` defaults to the loader's, else the largest
-    label + 1.
+    label + 1. ``amp`` autocasts the forward passes on CUDA (features are kept in float32).
     """
     was_training = getattr(model, "training", None)
     if isinstance(model, nn.Module):
         model.eval()
     try:
         bank, bank_labels = extract_features(model, train_loader, device, mean=mean, std=std,
-                                             desc="kNN bank", show_progress=show_progress)
+                                             desc="kNN bank", amp=amp, show_progress=show_progress)
         feats, labels = extract_features(model, val_loader, device, mean=mean, std=std,
-                                         desc="kNN val", show_progress=show_progress)
+                                         desc="kNN val", amp=amp, show_progress=show_progress)
     finally:
         if isinstance(model, nn.Module) and was_training is not None:
             model.train(was_training)
@@ -196,3 +212,253 @@ def knn_evaluate(
         num_classes = getattr(train_loader, "num_classes", None) or int(max(bank_labels.max(), labels.max())) + 1
     top1, top5 = knn_classify(bank, bank_labels, feats, labels, num_classes, k, temperature)
     return {"top1": top1, "top5": top5}
+
+
+# --------------------------------------------------------------------------------------------
+# linear evaluation and test
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast for frozen-feature forwards: ``bf16``/``fp16`` on CUDA, nothing elsewhere
+    (the CPU runs float32, so CPU results never depend on a reduced-precision path)."""
+    if device.type != "cuda" or amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def random_hflip(view: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """Flip each image of ``[B,3,H,W]`` horizontally with probability ``p`` (drawn on the CPU
+    from ``generator``, so the flips do not depend on the device)."""
+    flip = (torch.rand(len(view), generator=generator) < p).to(view.device)
+    return torch.where(flip[:, None, None, None], view.flip(-1), view)
+
+
+def classifier_logits_fn(model: LinearClassifier, device: torch.device, amp: str) -> FeatureFn:
+    """``x -> logits``: the backbone under :func:`autocast`, the head in float32; training
+    and testing both score through this, so they agree exactly on the same device."""
+    def logits(x: Tensor) -> Tensor:
+        with autocast(device, amp):
+            feats = model.backbone(x)
+        return model.fc(feats.float())
+
+    return logits
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: LinearClassifier,
+    loader: Iterable[EvalBatch],
+    device: str | torch.device,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    amp: str = "none",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of a classifier over an :class:`EvalBatch` loader, and the
+    number of images scored (``num_samples``)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits, labels = extract_features(classifier_logits_fn(model, device, amp), loader, device,
+                                          mean=mean, std=std, desc="test", show_progress=show_progress)
+    finally:
+        model.train(was_training)
+    top1, top5 = topk_accuracy(logits, labels, (1, 5))
+    return {"top1": top1, "top5": top5, "num_samples": len(labels)}
+
+
+def train_linear(
+    model: LinearClassifier,
+    train_loader: Loader,
+    val_loader: Loader | None,
+    cfg: Config,
+    *,
+    device: torch.device,
+    logger: RunLogger,
+    checkpoint_path: Path,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The linear-evaluation loop: train ``model.fc`` on frozen features, score val each epoch.
+
+    The protocol of SimSiam's linear evaluation: the backbone is frozen and in eval mode; the
+    training views are one random-resized crop (``data.scale``) with a horizontal flip; the
+    optimizer and schedule come from the config (LARS, lr ``optim.lr x batch / 256``,
+    cosine). After every epoch the classifier is scored on ``val_loader`` and written to
+    ``checkpoint_path`` (the ``fastsiam-linear`` format of :mod:`fastsiam.weights`).
+
+    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint"}`` of the last epoch.
+    """
+    model.freeze_backbone()
+    model.train()
+    batch = cfg.data.batch_size
+    lr = cfg.optim.lr * batch / 256
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(model, cfg.optim, lr=lr, device=device)
+    schedule = build_schedule(cfg.schedule, optimizer, base_lr=lr, epochs=cfg.train.epochs,
+                              steps_per_epoch=steps_per_epoch)
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    flips = torch.Generator().manual_seed(cfg.train.seed)
+    mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    step, result = 0, {}
+    bar = progress(total * batch, 0, "linear", show_progress)
+    try:
+        for epoch in range(cfg.train.epochs):
+            if step >= total:
+                break
+            train_loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+            for views in train_loader:
+                if step >= total:
+                    break
+                view = views.view1
+                if view.is_floating_point():
+                    raise ValueError("linear evaluation needs plain crops, but the loader delivered augmented "
+                                     "float views; for the pil backend set data.options.augment=crop")
+                x = normalize_view(random_hflip(view.to(device), flips), mean, std)
+                x = x.contiguous(memory_format=memory_format)
+                schedule.set(step)
+                with torch.no_grad(), autocast(device, amp):
+                    feats = model.backbone(x)
+                loss = F.cross_entropy(model.fc(feats.float()), views.label.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                seen += 1
+                step += 1
+                bar.update(len(x))
+            mean_loss = (loss_sum / max(seen, 1)).item()
+            if not math.isfinite(mean_loss):
+                raise RuntimeError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr")
+            record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": mean_loss,
+                                      "lr": schedule.lr_at(max(step - 1, 0))}
+            scores = {"top1": None, "top5": None}
+            if val_loader is not None:
+                scores = evaluate_classifier(model, val_loader, device, mean=mean, std=std, amp=amp,
+                                             show_progress=False)
+                record.update({"top1": scores["top1"], "top5": scores["top5"]})
+            logger.log(record)
+            save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
+                                   classes=getattr(train_loader, "classes", None),
+                                   top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", top1=scores["top1"])
+            result = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch + 1, "step": step,
+                      "loss": mean_loss, "checkpoint": checkpoint_path}
+    finally:
+        bar.close()
+    return result
+
+
+def run_linear(
+    cfg: Config,
+    pretrained: str | Path | None = None,
+    device: str | torch.device | None = None,
+    work_dir: str | Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``fastsiam linear``: linear evaluation of a pretrained backbone, end to end.
+
+    Args:
+        cfg: a linear-evaluation config (``data.train_path``/``val_path``, ``model``,
+            ``optim``, ``schedule``, ``train.epochs``...).
+        pretrained: checkpoint in any format :mod:`fastsiam.weights` reads (default
+            ``eval.pretrained``); only its backbone is used.
+        device: ``auto``, ``cpu``, ``cuda``... (default ``train.device``).
+        work_dir: output folder (default ``output.work_dir``, else ``work_dirs/<config name>``);
+            receives ``config.yaml`` (resolved), ``metrics.jsonl`` and ``last.pt``.
+
+    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint", "work_dir"}``.
+    """
+    pretrained = pretrained or cfg.eval.pretrained
+    if not pretrained:
+        raise ValueError("linear evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
+    dev = resolve_device(str(device or cfg.train.device))
+    _single_process("linear")
+    wd = Path(work_dir or cfg.output.work_dir or Path("work_dirs") / cfg.name)
+    ckpt_path = wd / LINEAR_CHECKPOINT
+    if ckpt_path.exists():
+        raise ValueError(f"work dir {wd} already holds a linear run ({ckpt_path.name}); choose another --work-dir")
+    torch.manual_seed(cfg.train.seed)
+    train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev) if cfg.data.val_path else None
+    model = _classifier_for(cfg, train_loader)
+    load_pretrained(model, pretrained, parts=("backbone",))
+    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    resolved = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "pretrained": str(pretrained)}},
+                         source=cfg.name)
+    wd.mkdir(parents=True, exist_ok=True)
+    with atomic_open(wd / CONFIG_FILE, "w") as f:
+        f.write(resolved.to_yaml())
+    logger = RunLogger(wd)
+    try:
+        res = train_linear(model, train_loader, val_loader, resolved, device=dev, logger=logger,
+                           checkpoint_path=ckpt_path, show_progress=show_progress)
+    finally:
+        logger.close()
+    return {**res, "work_dir": wd}
+
+
+def run_test(
+    cfg: Config,
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``fastsiam test``: top-1 / top-5 of a linear classifier on ``data.val_path``.
+
+    ``checkpoint`` is a linear classifier in any format :mod:`fastsiam.weights` reads
+    (fastsiam-linear, official ``main_lincls``, mmpretrain ``backbone`` + ``head.fc``,
+    torchvision with ``fc``). Returns ``{"top1", "top5", "num_samples"}``.
+    """
+    dev = resolve_device(str(device or cfg.train.device))
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)
+    model = _classifier_for(cfg, val_loader)
+    load_pretrained(model, checkpoint, parts=("backbone", "fc"))
+    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
+                               show_progress=show_progress)
+
+
+def run_knn(
+    cfg: Config,
+    pretrained: str | Path | None = None,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """``fastsiam knn``: weighted kNN of a pretrained backbone, ``data.train_path`` (read
+    with center crops) as the memory bank and ``data.val_path`` classified.
+
+    ``pretrained`` defaults to ``eval.pretrained``; any format of :mod:`fastsiam.weights`.
+    Returns ``{"top1", "top5"}`` in percent.
+    """
+    pretrained = pretrained or cfg.eval.pretrained
+    if not pretrained:
+        raise ValueError("kNN evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
+    dev = resolve_device(str(device or cfg.train.device))
+    bank = build_loader_from_config(cfg.data, split="val", device=dev, path=cfg.data.train_path)
+    val = build_loader_from_config(cfg.data, split="val", device=dev)
+    model = LinearClassifier(cfg.model.backbone, 1, cfg.model.small_input)  # its fc is unused
+    load_pretrained(model, pretrained, parts=("backbone",))
+    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    return knn_evaluate(model, bank, val, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                        device=dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
+                        show_progress=show_progress)
+
+
+def _classifier_for(cfg: Config, loader: Loader) -> LinearClassifier:
+    found = getattr(loader, "num_classes", None)
+    if found is not None and found > cfg.model.num_classes:
+        raise ValueError(f"the data has {found} classes but model.num_classes={cfg.model.num_classes}; "
+                         f"set model.num_classes={found}")
+    return LinearClassifier.from_config(cfg.model)
+
+
+def _single_process(what: str) -> None:
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"fastsiam {what} runs as a single process (one GPU); launch it without torchrun")
