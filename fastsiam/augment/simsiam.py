@@ -1,0 +1,339 @@
+"""SimSiam's view augmentation on the training device, batched, with per-sample random draws.
+
+The official recipe (Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021,
+following MoCo v2 / SimCLR) augments each crop with: ColorJitter(0.4, 0.4, 0.4, 0.1) with
+p=0.8, RandomGrayscale p=0.2, Gaussian blur with sigma in [0.1, 2] and p=0.5, a horizontal
+flip with p=0.5, then ImageNet normalization. :class:`SimSiamAugment` runs that on a whole
+:class:`~fastsiam.data.TwoViewBatch` of uint8 crops at once; every sample of every view gets
+its own draws, and the result for one sample equals torchvision's v2 transforms applied to it
+with the same draws (tests/test_augment.py checks this sample by sample).
+
+Design choices:
+
+- ColorJitter's random order. torchvision applies brightness, contrast, saturation and hue
+  in a fresh random permutation per image. Here brightness, contrast and saturation share one
+  batched op (:func:`~fastsiam.augment.functional.blend_gray`: a blend toward 0, the mean luma
+  or the pixel luma, chosen per sample), and the batch runs the fixed schedule
+  ``G G G H G G G``: three generic slots, the hue rotation, three more. A sample whose hue
+  comes at position ``k`` of its permutation puts its ``k`` earlier ops in the first slots and
+  the rest after the hue, so every one of the 24 orders fits; unused slots get factor 1, which
+  leaves a sample unchanged bit for bit. This costs 6 cheap blends and 1 hue rotation per
+  batch, whatever the mix of orders, against 4 evaluations of each op for a
+  per-position select, and no op sees a data-dependent subset of the batch.
+- Blur. The official code blurs with PIL (radius = sigma). This follows torchvision's
+  ``GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))`` as mmpretrain and solo-learn do: a true
+  Gaussian truncated at 11 px (>= 5.5 sigma), reflect padding; ``aug.blur_kernel_size`` sets
+  the size (23 is 10% of 224, rounded to odd, as in SimCLR).
+- Flip. Mirroring commutes with every other op here (symmetric kernel, per-pixel or
+  whole-image colour ops), so it is applied first, on the uint8 data (a quarter of the
+  bytes), which is then converted to float once.
+- Memory traffic. On a GPU these ops are memory bound: eagerly, each is a pass over the
+  batch. ``compile=True`` hands them (not the random draws) to ``torch.compile``, which
+  fuses the elementwise chains; benchmarks/augment.py measures both.
+- CUDA graphs. Random numbers come from ``torch.rand`` on the device (the given generator, or
+  the device's default one, which a captured graph advances on every replay); no value is
+  read on the host and every shape is static. The first call on a device builds small
+  constant tensors there (mean, std, factor ranges): make it before capture, as the warm-up
+  that capture needs anyway. A non-default CUDA generator must be registered with the graph
+  (``CUDAGraph.register_generator_state``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastsiam.augment import functional as AF
+from fastsiam.data.batch import TwoViewBatch
+
+__all__ = ["AugParams", "SimSiamAugment", "to_normalized"]
+
+# Column of each op in AugParams.factors / AugParams.order, as torchvision's ColorJitter fn_idx.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+class AugParams(NamedTuple):
+    """One draw for ``N`` samples: everything :meth:`SimSiamAugment.apply` needs.
+
+    Attributes:
+        flip: bool ``[N]``, mirror left-right.
+        jitter: bool ``[N]``, apply ColorJitter.
+        factors: float ``[N, 4]``: brightness, contrast, saturation factors and hue shift.
+        order: int64 ``[N, 4]``: ``order[i, k]`` is the op (column of ``factors``) applied k-th.
+        gray: bool ``[N]``, convert to grayscale (after ColorJitter).
+        blur: bool ``[N]``, Gaussian blur with ``sigma``.
+        sigma: float ``[N]``, blur sigma.
+        solarize: bool ``[N]``, solarize (after blur).
+    """
+
+    flip: Tensor
+    jitter: Tensor
+    factors: Tensor
+    order: Tensor
+    gray: Tensor
+    blur: Tensor
+    sigma: Tensor
+    solarize: Tensor
+
+
+def _check_p(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"aug.{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+class SimSiamAugment(nn.Module):
+    """Batched SimSiam view augmentation: uint8 crops in, two normalized views out.
+
+    Keyword names are the fields of :class:`fastsiam.config.AugConfig`; the defaults are the
+    SimSiam recipe.
+
+    Args:
+        hflip_p: probability of a horizontal flip.
+        color_jitter_p: probability of applying ColorJitter.
+        brightness: brightness factor drawn from ``[max(0, 1 - b), 1 + b]`` (0 disables).
+        contrast: contrast factor drawn from ``[max(0, 1 - c), 1 + c]`` (0 disables).
+        saturation: saturation factor drawn from ``[max(0, 1 - s), 1 + s]`` (0 disables).
+        hue: hue shift drawn from ``[-hue, hue]``, at most 0.5 (0 disables).
+        grayscale_p: probability of converting to grayscale (after ColorJitter).
+        blur_p: probability of a Gaussian blur.
+        blur_sigma: ``(min, max)`` of the blur's sigma, in pixels.
+        blur_kernel_size: odd side of the blur kernel.
+        solarize_p: probability of solarizing (0 for SimSiam; BYOL uses 0.2 on one view).
+        solarize_threshold: pixels at or above it (in [0, 1]) are inverted.
+        mean: per-channel mean subtracted at the end (ImageNet's).
+        std: per-channel std divided by at the end (ImageNet's).
+        out_dtype: dtype of the returned views (float32, bfloat16 or float16).
+        channels_last: return views in channels_last memory format.
+        compile: run the ops (not the random draws, which keep the given generator) through
+            ``torch.compile``, which fuses the elementwise chains into a few kernels. Eager
+            mode makes one pass over the batch per op, and the colour ops are memory bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        hflip_p: float = 0.5,
+        color_jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.4,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] | list[float] = (0.1, 2.0),
+        blur_kernel_size: int = 23,
+        solarize_p: float = 0.0,
+        solarize_threshold: float = 0.5,
+        mean: tuple[float, ...] | list[float] = (0.485, 0.456, 0.406),
+        std: tuple[float, ...] | list[float] = (0.229, 0.224, 0.225),
+        out_dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.hflip_p = _check_p("hflip_p", hflip_p)
+        self.color_jitter_p = _check_p("color_jitter_p", color_jitter_p)
+        self.grayscale_p = _check_p("grayscale_p", grayscale_p)
+        self.blur_p = _check_p("blur_p", blur_p)
+        self.solarize_p = _check_p("solarize_p", solarize_p)
+        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if value < 0:
+                raise ValueError(f"aug.{name} must be >= 0, got {value!r}")
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"aug.hue must be in [0, 0.5], got {hue!r}")
+        if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"aug.blur_sigma must be [min, max] with 0 < min <= max, got {list(blur_sigma)!r}")
+        if int(blur_kernel_size) != blur_kernel_size or blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
+            raise ValueError(f"aug.blur_kernel_size must be a positive odd integer, got {blur_kernel_size!r}")
+        if not 0.0 <= solarize_threshold <= 1.0:
+            raise ValueError(f"aug.solarize_threshold must be in [0, 1], got {solarize_threshold!r}")
+        if len(mean) != 3 or len(std) != 3 or not all(std):
+            raise ValueError(f"aug.mean and aug.std must have 3 values, std nonzero; got {list(mean)}, {list(std)}")
+        if not out_dtype.is_floating_point:
+            raise ValueError(f"SimSiamAugment: out_dtype must be a floating dtype, got {out_dtype}")
+
+        self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
+        self.hue = float(hue)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_kernel_size = int(blur_kernel_size)
+        self.solarize_threshold = float(solarize_threshold)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.out_dtype = out_dtype
+        self.channels_last = channels_last
+
+        # ColorJitter's factor ranges (torchvision's _check_input); a disabled op draws 1 (or
+        # hue 0), which is its identity, and is left out of the schedule.
+        ranges = [(max(0.0, 1.0 - v), 1.0 + v) for v in (self.brightness, self.contrast, self.saturation)]
+        ranges.append((-self.hue, self.hue))
+        self._factor_lo = [lo for lo, _ in ranges]
+        self._factor_span = [hi - lo for lo, hi in ranges]
+        self._generic = [op for op, v in ((BRIGHTNESS, self.brightness), (CONTRAST, self.contrast),
+                                          (SATURATION, self.saturation)) if v > 0]
+        self._hue_on = self.hue > 0
+        self._jitter_on = self.color_jitter_p > 0 and (bool(self._generic) or self._hue_on)
+        self._consts: dict[torch.device, dict[str, Tensor]] = {}
+        # Shapes are static per run; dynamic=False keeps every kernel specialized to them.
+        self._compiled = torch.compile(self._pipeline, dynamic=False) if compile else None
+
+    @classmethod
+    def from_config(cls, aug_cfg: Any, **kwargs: Any) -> SimSiamAugment:
+        """Build from the config's ``aug`` section (:class:`fastsiam.config.AugConfig`)."""
+        fields = {f.name: getattr(aug_cfg, f.name) for f in dataclasses.fields(aug_cfg)}
+        return cls(**fields, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hflip_p={self.hflip_p}, color_jitter_p={self.color_jitter_p}, "
+            f"jitter=({self.brightness}, {self.contrast}, {self.saturation}, {self.hue}), "
+            f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, "
+            f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, "
+            f"out_dtype={self.out_dtype}, channels_last={self.channels_last}, "
+            f"compile={self._compiled is not None}"
+        )
+
+    def _constants(self, device: torch.device) -> dict[str, Tensor]:
+        consts = self._consts.get(device)
+        if consts is None:
+            f32 = dict(dtype=torch.float32, device=device)
+            consts = {
+                "factor_lo": torch.tensor(self._factor_lo, **f32),
+                "factor_span": torch.tensor(self._factor_span, **f32),
+                # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std)
+                "scale": torch.tensor([1.0 / s for s in self.std], **f32).view(1, 3, 1, 1),
+                "shift": torch.tensor([-m / s for m, s in zip(self.mean, self.std)], **f32).view(1, 3, 1, 1),
+            }
+            self._consts[device] = consts
+        return consts
+
+    def sample_params(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> AugParams:
+        """Draw the random parameters of ``n`` samples on ``device`` (one ``torch.rand`` call)."""
+        device = torch.device(device)
+        c = self._constants(device)
+        u = torch.rand(n, 14, generator=generator, device=device)
+        lo_s, hi_s = self.blur_sigma
+        return AugParams(
+            flip=u[:, 0] < self.hflip_p,
+            jitter=u[:, 1] < self.color_jitter_p,
+            factors=torch.addcmul(c["factor_lo"], u[:, 2:6], c["factor_span"]),
+            # Sorting i.i.d. uniforms gives each of the 24 permutations with equal probability.
+            order=u[:, 6:10].argsort(dim=1),
+            gray=u[:, 10] < self.grayscale_p,
+            blur=u[:, 11] < self.blur_p,
+            sigma=u[:, 12] * (hi_s - lo_s) + lo_s,
+            solarize=u[:, 13] < self.solarize_p,
+        )
+
+    def apply(self, img: Tensor, params: AugParams) -> Tensor:
+        """Augment ``[N, 3, H, W]`` images with ``params``; float32 planar (NCHW) in [0, 1] out.
+
+        ``img`` is uint8 (0-255, flipped while still 1 byte per value, then converted once)
+        or float in [0, 1]. No normalization.
+        """
+        x = self._to_planar(img, params)
+        if self._jitter_on:
+            x = self._color_jitter(x, params)
+        if self.grayscale_p > 0:
+            x = torch.where(params.gray.view(-1, 1, 1, 1), AF.rgb_to_grayscale(x), x)
+        if self.blur_p > 0:
+            blurred = AF.gaussian_blur(x, params.sigma, self.blur_kernel_size)
+            x = torch.where(params.blur.view(-1, 1, 1, 1), blurred, x)
+        if self.solarize_p > 0:
+            x = torch.where(params.solarize.view(-1, 1, 1, 1), AF.solarize(x, self.solarize_threshold), x)
+        return x
+
+    def _to_planar(self, img: Tensor, params: AugParams) -> Tensor:
+        """Flip (on uint8 data: a quarter of the float traffic), then float32 NCHW in [0, 1]."""
+        x = AF.hflip(img, params.flip) if self.hflip_p > 0 else img
+        if x.dtype != torch.uint8:
+            return x.contiguous()
+        planar = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        return torch.mul(x, 1.0 / 255.0, out=planar)  # torchvision's to_dtype(scale=True)
+
+    def _color_jitter(self, x: Tensor, params: AugParams) -> Tensor:
+        """ColorJitter in each sample's own order, as the ``G.. H G..`` schedule (module doc)."""
+        ops = self._generic + ([HUE] if self._hue_on else [])
+        m = len(self._generic)
+        rank = params.order.argsort(dim=1)[:, ops]  # when each enabled op comes, in 0..3
+        pos = (rank.unsqueeze(1) < rank.unsqueeze(2)).sum(dim=2)  # ... among the enabled ops
+        gpos = pos[:, :m]
+        if self._hue_on:
+            # Ops before the hue go to slots 0..m-1, ops after it to slots m..2m-1.
+            slot = torch.where(gpos < pos[:, m:], gpos, gpos + (m - 1))
+            schedule = [*range(m), None, *range(m, 2 * m)]  # None: the hue rotation
+        else:
+            slot = gpos
+            schedule = list(range(m))
+        jitter = params.jitter
+        factors = params.factors[:, self._generic]
+        for step in schedule:
+            if step is None:
+                hued = AF.adjust_hue(x, params.factors[:, HUE])
+                x = torch.where(jitter.view(-1, 1, 1, 1), hued, x)
+                continue
+            hit = (slot == step) & jitter.unsqueeze(1)  # [N, m]: which op (if any) runs here
+            factor = torch.where(hit.any(dim=1), (hit * factors).sum(dim=1), 1.0)
+            pixel_gray = self._kind(hit, SATURATION, x)
+            mean_gray = self._kind(hit, CONTRAST, x)
+            x = AF.blend_gray(x, factor, pixel_gray, mean_gray)
+        return x
+
+    def _kind(self, hit: Tensor, op: int, x: Tensor) -> Tensor:
+        if op not in self._generic:
+            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        return hit[:, self._generic.index(op)].to(x.dtype)
+
+    def forward(self, batch: TwoViewBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Augment and normalize both views: ``(view1, view2)`` in ``out_dtype``.
+
+        uint8 views are augmented (both views in one batch, each sample with its own draws);
+        floating views (already augmented by the PIL reference loader) only change dtype and
+        memory format.
+        """
+        v1, v2 = batch.view1, batch.view2
+        if v1.is_floating_point() and v2.is_floating_point():
+            return self._finish(v1), self._finish(v2)
+        if v1.dtype != torch.uint8 or v2.dtype != torch.uint8:
+            raise ValueError(f"SimSiamAugment: expected uint8 (or already augmented float) views, got {v1.dtype} and {v2.dtype}")
+        if v1.shape != v2.shape or v1.dim() != 4 or v1.shape[1] != 3:
+            raise ValueError(f"SimSiamAugment: expected two views of the same shape [B, 3, H, W], got {list(v1.shape)} and {list(v2.shape)}")
+        n = v1.shape[0]
+        params = self.sample_params(2 * n, v1.device, generator)
+        pipeline = self._pipeline if self._compiled is None else self._compiled
+        out = pipeline(torch.cat([v1, v2]), params, self._constants(v1.device))
+        return out[:n], out[n:]
+
+    def _pipeline(self, x: Tensor, params: AugParams, consts: dict[str, Tensor]) -> Tensor:
+        return self._normalize(self.apply(x, params), consts)
+
+    def _normalize(self, x: Tensor, consts: dict[str, Tensor]) -> Tensor:
+        """``(x - mean) / std`` written straight into the output dtype and memory format."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if torch.compiler.is_compiling():
+            # Under torch.compile an out= tensor loses its memory format; the fused cast keeps it.
+            return torch.addcmul(consts["shift"], x, consts["scale"]).to(self.out_dtype).contiguous(memory_format=fmt)
+        out = torch.empty(x.shape, dtype=self.out_dtype, device=x.device, memory_format=fmt)
+        return torch.addcmul(consts["shift"], x, consts["scale"], out=out)
+
+    def _finish(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.out_dtype, memory_format=fmt)
+
+
+def to_normalized(
+    img_uint8: Tensor,
+    mean: tuple[float, ...] | list[float] | Tensor,
+    std: tuple[float, ...] | list[float] | Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """uint8 ``[B, 3, H, W]`` -> ``(img / 255 - mean) / std`` in ``dtype``, channels_last."""
+    if img_uint8.dtype != torch.uint8 or img_uint8.dim() != 4 or img_uint8.shape[1] != 3:
+        raise ValueError(f"to_normalized: expected uint8 images [B, 3, H, W], got {img_uint8.dtype} {list(img_uint8.shape)}")
+    x = img_uint8.to(torch.float32).mul_(1.0 / 255.0)
+    return AF.normalize(x, mean, std).to(dtype=dtype, memory_format=torch.channels_last)
