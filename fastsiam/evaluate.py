@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsiam.augment import to_normalized
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
@@ -41,12 +42,11 @@ FeatureFn = Callable[[Tensor], Tensor]
 
 def normalize_view(view: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 ``[B,3,H,W]`` in [0, 255] -> float32 normalized by ``mean``/``std`` (in [0, 1]
-    units); floating views are taken as already normalized by their loader."""
+    units, :func:`fastsiam.augment.to_normalized`); floating views are taken as already
+    normalized by their loader (the PIL reference's ``full`` mode)."""
     if view.is_floating_point():
         return view.float()
-    m = torch.tensor(mean, device=view.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=view.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return (view.float() - m) / s
+    return to_normalized(view, tuple(mean), tuple(std))
 
 
 def _feature_fn(model_or_fn: nn.Module | FeatureFn) -> FeatureFn:
@@ -386,7 +386,7 @@ def run_linear(
         raise ValueError(f"work dir {wd} already holds a linear run ({ckpt_path.name}); choose another --work-dir")
     torch.manual_seed(cfg.train.seed)
     train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
-    val_loader = build_loader_from_config(cfg.data, split="val", device=dev) if cfg.data.val_path else None
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)  # the score is the point
     model = _classifier_for(cfg, train_loader)
     load_pretrained(model, pretrained, parts=("backbone",))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
