@@ -157,13 +157,42 @@ def _fp16_step_on_fake_cuda(model: nn.Module, optimizer: torch.optim.Optimizer) 
         step_mod._resolve_amp = original
 
 
+def test_step_calls_the_ddp_wrapped_forward(tmp_path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        batch = make_batch()
+        plain = make_model().to(memory_format=torch.channels_last)
+        wrapped = nn.parallel.DistributedDataParallel(
+            make_model().to(memory_format=torch.channels_last))
+        outs = []
+        for model in (plain, wrapped):
+            step = build_step(model, make_optimizer(model), normalize, device="cpu", amp="none")
+            outs.append(step(batch))
+        torch.testing.assert_close(outs[1].loss, outs[0].loss)
+        for p, q in zip(wrapped.module.parameters(), plain.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="before wrapping it in DistributedDataParallel"):
+            build_step(wrapped, make_optimizer(wrapped), normalize, device="cpu",
+                       channels_last=False)
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA: the captured step
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
 def _cuda_pair(amp: str = "none"):
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
     models = [make_model(device="cuda") for _ in range(2)]
     opts = [make_optimizer(m, lr=0.05) for m in models]
     steps = [build_step(m, o, normalize, device="cuda", amp=amp, mode=mode)
@@ -177,6 +206,7 @@ def _assert_models_close(a: nn.Module, b: nn.Module, rtol: float, atol: float) -
 
 
 @pytest.mark.cuda
+@pytest.mark.usefixtures("deterministic_cudnn")
 def test_cuda_graph_replay_equals_eager_fp32() -> None:
     models, opts, steps = _cuda_pair("none")
     assert isinstance(steps[1], GraphStep)
@@ -216,10 +246,9 @@ def test_cuda_graph_follows_lr_tensor_and_has_no_host_sync() -> None:
         after_zero_lr = [p.detach().clone() for p in model.parameters()]
         schedule.set(0)
         out2 = step(batch)
-        loss = out2.loss * 1  # still a device tensor
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(out.loss) and torch.isfinite(loss)
+    assert torch.isfinite(out.loss) and torch.isfinite(out2.loss)
     assert all(torch.equal(a, b) for a, b in zip(after_zero_lr, before))
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

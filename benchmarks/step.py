@@ -1,0 +1,224 @@
+"""Training-step throughput, from the official recipe to the captured step, in one run.
+
+Each row adds one change to the previous row (all measured in the same process, on the same
+synthetic device-resident uint8 batch, so the ratios are comparable):
+
+1. ``reference``: fp32, NCHW, eager, plain ``torch.optim.SGD`` (the official recipe's step);
+2. ``+channels_last``: NHWC weights and activations;
+3. ``+bf16``: autocast to bfloat16;
+4. ``+fused_optimizer``: fastsiam's SGD, torch's fused kernel (foreach on the CPU);
+5. ``+cuda_graph``: the whole step captured once and replayed (CUDA only);
+6. ``+augmentation``: the device-side SimSiam augmentation inside the step (inside the graph
+   on CUDA), when :class:`fastsiam.augment.SimSiamAugment` is available.
+
+Rows 1-5 turn the uint8 views into normalized floats inside the step (a cheap stand-in for
+augmentation). ``--concat`` adds an informational row: row 4 with both views through the
+encoder as one concatenated batch (BatchNorm statistics shared by the views: *not* the
+recipe, which runs one pass per view). Images/s counts images (two views each); TFLOP/s uses
+49.3 GFLOP per image for ResNet-50 at 224 px and the counted conv/linear FLOPs otherwise.
+
+    python benchmarks/step.py                      # ResNet-50, 224 px, batch 256 on CUDA
+    python benchmarks/step.py --smoke              # ResNet-18, 64 px, tiny batch (CI, CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastsiam.benchmark import BenchmarkReport, measure, peak_memory_mb, reset_peak_memory
+from fastsiam.config import AugConfig, OptimConfig
+from fastsiam.data.batch import TwoViewBatch
+from fastsiam.model import SimSiam, simsiam_loss
+from fastsiam.optim import build_optimizer
+from fastsiam.step import build_step
+
+RESNET50_224_GFLOP = 49.3  # per image: two views, forward + backward (the issue's figure)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    channels_last: bool
+    amp: str
+    impl: str
+    mode: str
+    augment: str = "normalize"  # normalize | simsiam
+    concat: bool = False
+
+
+def variants(device: torch.device, concat: bool) -> list[Variant]:
+    ref = Variant("reference", channels_last=False, amp="none", impl="torch", mode="eager")
+    cl = Variant("+channels_last", True, "none", "torch", "eager")
+    bf16 = Variant("+bf16", True, "bf16", "torch", "eager")
+    fused = Variant("+fused_optimizer", True, "bf16", "auto", "eager")
+    rows = [ref, cl, bf16, fused]
+    if concat:
+        rows.append(Variant("(concat views, not the recipe)", True, "bf16", "auto", "eager",
+                            concat=True))
+    last = fused
+    if device.type == "cuda":
+        last = Variant("+cuda_graph", True, "bf16", "auto", "graph")
+        rows.append(last)
+    rows.append(Variant("+augmentation", True, "bf16", "auto", last.mode, augment="simsiam"))
+    return rows
+
+
+class Normalize:
+    """uint8 views -> ImageNet-normalized floats of ``dtype`` (layout preserved)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255)
+        self.dtype = dtype
+
+    def __call__(self, batch: TwoViewBatch) -> tuple[Tensor, Tensor]:
+        return tuple(((v.float() - self.mean) * self.inv_std).to(self.dtype)
+                     for v in batch[:2])  # type: ignore[return-value]
+
+
+class ConcatSimSiam(nn.Module):
+    """The same weights, both views through the encoder as one batch (shared BN statistics)."""
+
+    def __init__(self, model: SimSiam):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.inner
+        z = m.projector(m.backbone(torch.cat([x1, x2])))
+        p = m.predictor(z)
+        p1, p2 = p.chunk(2)
+        z1, z2 = z.detach().chunk(2)
+        return p1, p2, z1, z2
+
+
+def counted_gflop_per_image(arch: str, size: int, dim: int, pred_dim: int) -> float:
+    """Conv/linear FLOPs of one forward + backward on two views, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = SimSiam(arch, dim, pred_dim)
+        x1, x2 = torch.empty(2, 3, size, size), torch.empty(2, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        simsiam_loss(*model(x1, x2)).backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def load_augment(dtype: torch.dtype) -> Any | None:
+    try:
+        from fastsiam.augment import SimSiamAugment
+    except ImportError:
+        return None
+    return SimSiamAugment.from_config(AugConfig(), out_dtype=dtype, channels_last=True)
+
+
+def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = SimSiam(args.arch, args.dim, args.pred_dim).to(device)
+    optimizer = build_optimizer(model, OptimConfig(impl=v.impl), lr=0.05 * args.batch_size / 256,
+                                device=device)
+    dtype = torch.bfloat16 if v.amp == "bf16" else torch.float32
+    augment = Normalize(device, dtype) if v.augment == "normalize" else load_augment(dtype)
+    if augment is None:
+        return {"skipped": "fastsiam.augment.SimSiamAugment is not available yet"}
+    train_module = ConcatSimSiam(model) if v.concat else model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU run's notices are expected
+        step = build_step(train_module, optimizer, augment, device=device, amp=v.amp,
+                          channels_last=v.channels_last, mode=v.mode)
+    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
+                           dtype=torch.uint8, generator=g).to(device).contiguous(memory_format=fmt)
+             for _ in range(2)]
+    batch = TwoViewBatch(*views, torch.zeros(args.batch_size, dtype=torch.long, device=device))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(str(device))
+    last: list[Tensor] = []
+
+    def one_step() -> None:
+        last[:] = [step(batch).loss]  # a device tensor: no host sync inside the timing
+
+    m = measure(one_step, items_per_call=args.batch_size, iters=args.iters, repeats=args.repeats,
+                warmup=args.warmup, device=str(device))
+    loss = float(last[0])
+    if not math.isfinite(loss):
+        raise RuntimeError(f"{v.name}: non-finite loss {loss}")
+    extra = {
+        "amp": v.amp, "channels_last": v.channels_last, "mode": step.mode,
+        "optimizer": type(optimizer).__module__.split(".")[0] + "." + type(optimizer).__name__
+        + (f"({optimizer.impl})" if hasattr(optimizer, "impl") else ""),
+        "augment": v.augment, "final_loss": round(loss, 4),
+        "peak_memory_mb": peak_memory_mb(str(device)),
+        "tflops": round(m.items_per_s * args.gflop_per_image / 1000, 3),
+    }
+    return {"measurement": m, **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--arch", default=None, help="resnet50 (default), resnet18, resnet34")
+    p.add_argument("--image-size", type=int, default=None, help="default 224 (64 with --smoke)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 256)")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--pred-dim", type=int, default=512)
+    p.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default 20)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5)")
+    p.add_argument("--concat", action="store_true", help="also time one concatenated pass")
+    p.add_argument("--smoke", action="store_true",
+                   help="small settings for CI/CPU: resnet18, 64 px, batch 8, 2 iters")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    args = p.parse_args(argv)
+    smoke = dict(arch="resnet18", image_size=64, batch_size=8, iters=2, warmup=1)
+    full = dict(arch="resnet50", image_size=224, batch_size=256, iters=20, warmup=5)
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.smoke:
+        args.repeats = min(args.repeats, 2)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every row: the step is what is compared
+    counted = counted_gflop_per_image(args.arch, args.image_size, args.dim, args.pred_dim)
+    nominal = args.arch == "resnet50" and args.image_size == 224 and args.dim == 2048
+    args.gflop_per_image = RESNET50_224_GFLOP if nominal else round(counted, 3)
+    settings = {
+        "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+        "dim": args.dim, "pred_dim": args.pred_dim, "gflop_per_image": args.gflop_per_image,
+        "gflop_per_image_counted": round(counted, 3), "torch_threads": torch.get_num_threads(),
+        "input": "synthetic uint8 views on the device",
+    }
+    report = BenchmarkReport("step", str(device), settings, baseline="reference")
+    skipped = {}
+    for v in variants(device, args.concat):
+        result = run_variant(v, args, device)
+        if "skipped" in result:
+            skipped[v.name] = result["skipped"]
+            print(f"{v.name}: skipped ({result['skipped']})", file=sys.stderr)
+            continue
+        row = report.add(v.name, result.pop("measurement"), **result)
+        print(f"{v.name}: {row['items_per_s']:.1f} images/s", file=sys.stderr)
+    if device.type != "cuda":
+        skipped["+cuda_graph"] = "needs CUDA"
+    report.settings["skipped"] = skipped
+    print(report.table())
+    print(f"wrote {report.write(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
