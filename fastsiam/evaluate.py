@@ -122,7 +122,7 @@ def knn_predict(
     num_classes: int,
     k: int = 200,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Tensor:
     """Class scores ``[M, num_classes]`` of the weighted kNN vote (InstDisc weighting).
 

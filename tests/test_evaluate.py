@@ -286,3 +286,28 @@ def test_run_knn_from_a_checkpoint(tmp_path):
     ref = knn_evaluate(net.eval(), bank_loader, val_loader, k=10, temperature=0.07, show_progress=False)
     assert res == ref
     assert res["top1"] >= 50.0  # chance is 25
+
+
+@pytest.mark.cuda
+def test_linear_and_test_on_cuda_with_bf16(linear_run, tmp_path):
+    """The GPU path: autocast backbone, LARS with device lr; test agrees with training."""
+    import copy
+
+    import torchvision
+
+    from fastsiam.evaluate import run_linear, run_test
+
+    cfg, pretrained, _ = linear_run
+    cfg = copy.deepcopy(cfg)
+    cfg.train.amp = "bf16"
+    res = run_linear(cfg, pretrained, "cuda", work_dir=tmp_path / "work", show_progress=False)
+    assert res["top1"] >= 50.0, res
+    assert run_test(cfg, res["checkpoint"], "cuda", show_progress=False)["top1"] == res["top1"]
+    net = torchvision.models.resnet18()
+    net.load_state_dict(torch.load(pretrained, weights_only=True))
+    net.fc = torch.nn.Identity()
+    loaders = [build_loader("pil", getattr(cfg.data, f"{s}_path"), batch_size=8, image_size=32, workers=0,
+                            split="val", drop_last=False, device=d) for s, d in (("train", "cpu"), ("val", "cpu"))]
+    cpu = knn_evaluate(net.eval(), *loaders, k=10, show_progress=False)
+    gpu = knn_evaluate(net.cuda().eval(), *loaders, k=10, device="cuda", show_progress=False)
+    assert abs(cpu["top1"] - gpu["top1"]) <= 100 / 24 + 1e-6  # at most one image flips
