@@ -1,0 +1,485 @@
+"""Convert an ImageNet-style dataset to an FFCV ``.beton`` file (ffcv's DatasetWriter).
+
+Usage::
+
+    python data_prep/to_ffcv.py --src /data/imagenet/train --out /data/ffcv/train.beton
+    python data_prep/to_ffcv.py --src /data/imagenet/val --labels val_labels.txt \\
+        --classes /data/ffcv/train.classes.json --out /data/ffcv/val.beton
+
+Fields: ``image`` (ffcv ``RGBImageField``) and ``label`` (``IntField``), as ffcv-imagenet
+writes them. Defaults are ffcv-imagenet's ResNet-50 settings (``write_imagenet.sh 500 0.50
+90``): longest side at most 500 px, half of the images JPEG-compressed at quality 90 and half
+stored as raw pixels (``--write-mode proportion``).
+
+Disk and quality for SimSiam's 224 px crops (RandomResizedCrop, scale 0.2-1): a crop covers
+20-100% of the image area, so from a 500 px image it is 224-500 px wide and is only ever
+shrunk; at ``--max-resolution 256`` small crops are ~115 px and get upsampled (softer views)
+while the file shrinks ~4x. Raw pixels decode for free but take ~10x the bytes of a q90 JPEG
+(ImageNet at 500 px: ~340 GB raw-heavy vs ~60 GB all-JPEG); ``jpg`` mode moves that cost to
+the loader's CPU (a JPEG decode per view), ``proportion`` splits it, ``smart`` stores raw only
+images smaller than ``--smart-threshold`` bytes.
+
+How it works: a parallel pass decodes every image once to find bad files (the count must be
+known before ffcv allocates the file). A second pass runs in the writer: worker processes
+decode, resize (ffcv's ``resizer``: cv2 INTER_AREA) and JPEG-encode (ffcv's ``encode_jpeg``)
+in order, and ffcv's DatasetWriter, with one writer process, places the results into the
+file. ffcv's own multi-process writing gives a different page layout on every run; this way
+the same input and options give a byte-identical ``.beton`` whatever ``--workers`` is.
+Beside the output: ``<name>.classes.json`` and ``<name>.skipped.tsv`` (bad files and why).
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import contextlib
+import functools
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the `data_prep` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from data_prep.sources import (
+    VERIFY_MIN_PSNR,
+    BadFileError,
+    BadImage,
+    ConversionError,
+    Item,
+    Skipped,
+    Source,
+    add_source_arguments,
+    check_image,
+    injected_delay,
+    load_rgb,
+    make_readable,
+    parallel_map,
+    progress,
+    psnr,
+    source_from_args,
+    verify_indices,
+    write_classes,
+)
+
+FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt packages "
+             "pkg-config libopencv-dev libturbojpeg0-dev)")
+WRITE_MODES = ("raw", "jpg", "smart", "proportion")
+MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE
+VERIFY_SIZE = 96  # side of the center crops compared in --verify
+
+
+def sidecar(out: Path, suffix: str) -> Path:
+    """``train.beton`` -> ``train.classes.json``: betons of one folder keep their own files."""
+    return out.with_name(f"{out.stem}.{suffix}")
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+def _import_cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        raise ConversionError(FFCV_HINT) from None
+    cv2.setNumThreads(1)  # one image per process; parallelism comes from the worker pool
+    return cv2
+
+
+def ffcv_resize(image: np.ndarray, max_resolution: int | None) -> np.ndarray:
+    """ffcv 1.0.2's ``fields.rgb_image.resizer``: shrink the longest side, cv2 INTER_AREA."""
+    if max_resolution is None:
+        return image
+    original_size = np.array([image.shape[1], image.shape[0]])
+    ratio = max_resolution / original_size.max()
+    if ratio < 1:
+        cv2 = _import_cv2()
+        new_size = (ratio * original_size).astype(int)
+        image = cv2.resize(image, tuple(int(x) for x in new_size), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def ffcv_encode_jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """ffcv 1.0.2's ``fields.rgb_image.encode_jpeg`` (cv2, RGB in)."""
+    cv2 = _import_cv2()
+    ok, result = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                              [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+    if not ok:
+        raise BadImage("cv2 could not JPEG-encode the image")
+    return result.reshape(-1)
+
+
+def prepare_image(task: tuple[int, str], *, max_resolution: int | None, write_mode: str,
+                  jpeg_quality: int, compress_probability: float, smart_threshold: int | None,
+                  seed: int) -> tuple[str, int, int, np.ndarray] | tuple[str, str]:
+    """What ``RGBImageField.encode`` computes for sample ``index``: ``(mode, h, w, bytes)``.
+
+    Decides raw vs JPEG as ffcv does, except ``proportion``: ffcv draws from the global numpy
+    RNG in whichever process handles the sample; here the draw is seeded by (seed, index),
+    so the choice is reproducible. Returns ``("error", reason)`` on failure. Runs in workers.
+    """
+    index, path = task
+    try:
+        image = ffcv_resize(load_rgb(path), max_resolution)
+        if write_mode == "smart":
+            as_jpg = smart_threshold is not None and image.nbytes > smart_threshold
+        elif write_mode == "proportion":
+            as_jpg = np.random.default_rng([seed, index]).random() < compress_probability
+        else:
+            as_jpg = write_mode == "jpg"
+        payload = (ffcv_encode_jpeg(image, jpeg_quality) if as_jpg
+                   else np.ascontiguousarray(image).view("<u1").reshape(-1))
+    except (BadImage, ConversionError) as e:
+        return "error", f"{path}: {e}"
+    return ("jpg" if as_jpg else "raw"), image.shape[0], image.shape[1], payload
+
+
+def place_prepared(destination: Any, prepared: tuple[str, int, int, np.ndarray], malloc: Any) -> None:
+    """The end of ``RGBImageField.encode``: store a prepared image's metadata and bytes."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    mode, height, width, payload = prepared
+    destination["mode"] = IMAGE_MODES[mode]
+    destination["height"], destination["width"] = height, width
+    destination["data_ptr"], storage = malloc(payload.nbytes)
+    storage[:] = payload
+
+
+class PreparedImages:
+    """The indexable dataset ffcv's DatasetWriter reads: sample ``i`` is (prepared image, label).
+
+    It lives in ffcv's writer process, which asks for samples in order (one writer process,
+    chunks in order); the first request starts the worker pool that prepares them ahead.
+    Errors never raise here (ffcv's parent would wait forever): they are written to
+    ``error_path`` and a 1-pixel placeholder keeps the writer going; the caller then discards
+    the file.
+    """
+
+    def __init__(self, items: list[Item], prepare: Any, workers: int, error_path: str,
+                 delay: float = 0.0):
+        self.items, self.prepare, self.workers = items, prepare, workers
+        self.error_path, self.delay = error_path, delay
+        self._results: Any = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[tuple[str, int, int, np.ndarray], int]:
+        placeholder = ("raw", 1, 1, np.zeros(3, np.uint8))
+        try:
+            if self._results is None:
+                tasks = ((k, it.path) for k, it in enumerate(self.items))
+                self._results = parallel_map(self.prepare, tasks, workers=self.workers, chunksize=8)
+            if i != self._next:
+                raise RuntimeError(f"samples requested out of order ({i} after {self._next - 1})")
+            self._next += 1
+            prepared = next(self._results)
+            if i == len(self.items) - 1:
+                self._results.close()  # shuts the pool down before ffcv's process exits
+            if prepared[0] == "error":
+                raise RuntimeError(prepared[1])
+            if self.delay:
+                time.sleep(self.delay)
+            return prepared, self.items[i].label  # type: ignore[return-value]
+        except Exception as e:
+            if not os.path.exists(self.error_path):
+                with open(self.error_path, "w") as f:
+                    f.write(f"sample {i}: {e}")
+            return placeholder, 0
+
+
+@contextlib.contextmanager
+def _fail_if_child_dies():
+    """ffcv's DatasetWriter polls forever if its writer process dies; interrupt it instead."""
+    before = set(multiprocessing.active_children())
+    stop, died = threading.Event(), []
+
+    def watch() -> None:
+        seen: dict[int, Any] = {}
+        while not stop.wait(0.5):
+            for p in multiprocessing.active_children():
+                if p not in before:
+                    seen[p.pid] = p
+            for p in seen.values():
+                if p.exitcode not in (None, 0):
+                    died.append(p.exitcode)
+                    _thread.interrupt_main()
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    except KeyboardInterrupt:
+        if died:
+            raise ConversionError(f"ffcv's writer process died (exit code {died[0]}); see the "
+                                  f"traceback above") from None
+        raise
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int | None = 500,
+            write_mode: str = "proportion", compress_probability: float = 0.5,
+            jpeg_quality: int = 90, smart_threshold: int | None = None, workers: int = 1,
+            chunk_size: int = 100, seed: int = 0, overwrite: bool = False, strict: bool = False,
+            quiet: bool = False) -> dict[str, Any]:
+    """Write ``source`` to the ``.beton`` file ``out``; return a summary dict (``items``:
+    the images written, in sample order).
+
+    Args:
+        source: the listed input (:mod:`data_prep.sources`).
+        out: the ``.beton`` path; it appears only when complete.
+        max_resolution: longest side in the file (None: keep sizes).
+        write_mode: ffcv's ``raw``, ``jpg``, ``smart`` or ``proportion``.
+        compress_probability: share of JPEG-compressed images in ``proportion`` mode.
+        jpeg_quality: quality of the JPEGs ffcv stores.
+        smart_threshold: ``smart`` mode compresses images whose raw size exceeds this (bytes).
+        workers: decoding/encoding processes.
+        chunk_size: samples per ffcv writer chunk.
+        seed: seeds ``proportion``'s per-sample choice.
+        overwrite: replace an existing output.
+        strict: raise :class:`BadFileError` at the first bad file instead of skipping it.
+        quiet: no progress bar for the checking pass (ffcv's writer prints its own).
+    """
+    from fastsiam.io import atomic_path
+
+    if write_mode not in WRITE_MODES:
+        raise ConversionError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, got {write_mode!r}")
+    if write_mode == "smart" and smart_threshold is None:
+        raise ConversionError("--write-mode smart needs --smart-threshold BYTES (ffcv stores "
+                              "every image raw without one)")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ConversionError(f"--compress-probability must be in [0, 1], got {compress_probability}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConversionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    for name, value, low in (("--max-resolution", max_resolution, 16), ("--workers", workers, 1),
+                             ("--chunk-size", chunk_size, 1)):
+        if value is not None and value < low:
+            raise ConversionError(f"{name} must be >= {low}, got {value}")
+    out = Path(out)
+    if out.suffix != ".beton":
+        raise ConversionError(f"--out {out}: expected a file name ending in .beton")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise ConversionError(f"--out {out} is a folder; expected a .beton file name")
+    try:
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
+    except ImportError:
+        raise ConversionError(FFCV_HINT) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.partial*"):  # left by a killed run
+        print(f"removing {stale} (left by an interrupted run)", file=sys.stderr)
+        stale.unlink()
+
+    begin = time.perf_counter()
+    # Pass 1: decode everything once; the count must be known before ffcv allocates the file.
+    items, sizes, skipped = [], [], Skipped()
+    bar = progress(len(source.items), "check", quiet)
+    checks = parallel_map(check_image, (it.path for it in source.items), workers=workers, chunksize=16)
+    with contextlib.closing(checks):
+        for item, (reason, size) in zip(source.items, checks):
+            bar.update(1)
+            if reason is None:
+                items.append(item)
+                sizes.append(size)
+            elif strict:
+                bar.close()
+                raise BadFileError(item.path, reason)
+            else:
+                skipped.add(item.rel, reason)
+    bar.close()
+    if not items:
+        raise ConversionError(f"none of the {len(source.items)} images in {source.root} could "
+                              f"be decoded; nothing to write")
+    skipped.entries = sorted(skipped.entries + list(source.rejected))
+
+    # A sample must fit in one ffcv page: size pages for the largest raw image.
+    largest = max((min(1.0, max_resolution / max(w, h)) if max_resolution else 1.0) ** 2 * w * h * 3
+                  for w, h in sizes)
+    page_size = 4 * MIN_PAGE_SIZE
+    while page_size < largest + 4096:
+        page_size *= 2
+
+    field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                          smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
+                          compress_probability=compress_probability)
+    # ffcv's writer process calls field.encode; the pool already did its work (same resize and
+    # JPEG encoder), so the writer only places bytes. The field stays a stock RGBImageField,
+    # so the file's field table is ffcv's own.
+    field.encode = place_prepared  # type: ignore[method-assign]
+    prepare = functools.partial(
+        prepare_image, max_resolution=max_resolution, write_mode=write_mode,
+        jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+        smart_threshold=smart_threshold, seed=seed)
+    with atomic_path(out) as tmp:
+        error_path = f"{tmp}.error"
+        dataset = PreparedImages(items, prepare, workers, error_path, injected_delay())
+        writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()},
+                               page_size=page_size, num_workers=1)
+        try:
+            with _fail_if_child_dies():
+                writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+            if os.path.exists(error_path):
+                raise ConversionError(f"writing {out} failed at {Path(error_path).read_text()}")
+            # The side files appear just before the .beton, which marks a finished conversion.
+            write_classes(sidecar(out, "classes.json"), source.classes)
+            skipped.write(sidecar(out, "skipped.tsv"), source.root)
+            make_readable([tmp, sidecar(out, "classes.json"), sidecar(out, "skipped.tsv")])
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(error_path)
+    seconds = time.perf_counter() - begin
+    stored = _stored_modes(out)
+    return {"out": str(out), "samples": len(items), "skipped": len(skipped), "stored": stored,
+            "bytes": out.stat().st_size, "seconds": seconds,
+            "images_per_s": len(source.items) / max(seconds, 1e-9), "items": items}
+
+
+def _stored_modes(path: Path) -> dict[str, int]:
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    # The metadata's columns are the fields in order, unnamed (f0, f1, ...).
+    column = reader.metadata.dtype.names[reader.field_names.index("image")]
+    modes = reader.metadata[column]["mode"]
+    return {name: int((modes == IMAGE_MODES[name]).sum()) for name in ("jpg", "raw")}
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def reference_crop(path: str, max_resolution: int | None, size: int) -> np.ndarray:
+    """What ffcv's CenterCropRGBImageDecoder((size, size), ratio=1) should give for ``path``."""
+    cv2 = _import_cv2()
+    image = ffcv_resize(load_rgb(path), max_resolution)
+    h, w = image.shape[:2]
+    c = min(h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    return cv2.resize(np.ascontiguousarray(image[top:top + c, left:left + c]), (size, size),
+                      interpolation=cv2.INTER_AREA)
+
+
+def verify(out: str | os.PathLike[str], items: list[Item], *, max_resolution: int | None,
+           samples: int = 64, workers: int = 1) -> dict[str, Any]:
+    """Read ``out`` back with ffcv's stock Loader and compare with the input ``items``.
+
+    Checks the sample count and every label, then decodes ``samples`` evenly spread images
+    (center crop, ``VERIFY_SIZE`` px) and compares each with the same crop of its source:
+    PSNR >= ``VERIFY_MIN_PSNR`` dB.
+    """
+    try:
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.loader import Loader, OrderOption
+    except ImportError:
+        raise ConversionError(FFCV_HINT) from None
+    out = str(out)
+    loader = Loader(out, batch_size=256, num_workers=workers, order=OrderOption.SEQUENTIAL,
+                    drop_last=False,
+                    pipelines={"image": None, "label": [IntDecoder()]})
+    labels = [int(y) for (batch,) in loader for y in np.asarray(batch).reshape(-1)]
+    expected = [it.label for it in items]
+    if len(labels) != len(expected):
+        raise ConversionError(f"verify: ffcv reads {len(labels)} samples from {out}, expected "
+                              f"{len(expected)}")
+    if labels != expected:
+        first = next(i for i, (a, b) in enumerate(zip(labels, expected)) if a != b)
+        raise ConversionError(f"verify: ffcv reads label {labels[first]} for sample {first} "
+                              f"({items[first].rel}), expected {expected[first]}")
+    wanted = verify_indices(len(items), samples)
+    loader = Loader(out, batch_size=len(wanted), num_workers=workers, order=OrderOption.SEQUENTIAL,
+                    drop_last=False,
+                    indices=wanted, pipelines={
+                        "image": [CenterCropRGBImageDecoder((VERIFY_SIZE, VERIFY_SIZE), 1.0)],
+                        "label": None})
+    images = np.concatenate([np.asarray(batch) for (batch,) in loader])
+    worst = float("inf")
+    for got, i in zip(images, wanted):
+        quality = psnr(got, reference_crop(items[i].path, max_resolution, VERIFY_SIZE))
+        if quality < VERIFY_MIN_PSNR:
+            raise ConversionError(f"verify: sample {i} ({items[i].rel}) differs from its source "
+                                  f"(PSNR {quality:.1f} dB < {VERIFY_MIN_PSNR} dB)")
+        worst = min(worst, quality)
+    return {"samples": len(items), "images_checked": len(wanted), "min_psnr_db": worst}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="to_ffcv.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Defaults are ffcv-imagenet's ResNet-50 settings (max resolution 500, 50%% "
+               "JPEG at quality 90). Smaller --max-resolution and more JPEG shrink the file "
+               "(raw pixels are ~10x a q90 JPEG) at the cost of softer small crops and a JPEG "
+               "decode per view in the loader.")
+    add_source_arguments(parser)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", required=True, help="the .beton file (appears only when complete)")
+    g.add_argument("--max-resolution", type=int, default=500,
+                   help="longest side stored, in pixels (0: keep every image's size)")
+    g.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
+                   help="raw pixels, JPEG, smart (JPEG above --smart-threshold bytes) or a "
+                        "random --compress-probability share as JPEG")
+    g.add_argument("--compress-probability", type=float, default=0.5,
+                   help="share of JPEG images in proportion mode")
+    g.add_argument("--jpeg-quality", type=int, default=90, help="quality of stored JPEGs")
+    g.add_argument("--smart-threshold", type=int, help="smart mode: JPEG-compress images whose "
+                                                       "raw size exceeds this many bytes")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    g.add_argument("--chunk-size", type=int, default=100, help="samples per ffcv writer chunk")
+    g.add_argument("--seed", type=int, default=0, help="seed of proportion mode's choices")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--verify", action="store_true",
+                   help="read the result back with ffcv's Loader and compare with the input")
+    g.add_argument("--verify-samples", type=int, default=64,
+                   help=f"images compared with their source (PSNR >= {VERIFY_MIN_PSNR} dB)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar for the checking pass")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    max_resolution = args.max_resolution or None
+    try:
+        source = source_from_args(args)
+        summary = convert(
+            source, args.out, max_resolution=max_resolution, write_mode=args.write_mode,
+            compress_probability=args.compress_probability, jpeg_quality=args.jpeg_quality,
+            smart_threshold=args.smart_threshold, workers=args.workers, chunk_size=args.chunk_size,
+            seed=args.seed, overwrite=args.overwrite, strict=args.strict, quiet=args.quiet)
+        out = Path(args.out)
+        print(f"wrote {summary['samples']} samples ({summary['stored']['jpg']} JPEG, "
+              f"{summary['stored']['raw']} raw; {summary['bytes'] / 1e6:.1f} MB) to {out} in "
+              f"{summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")
+        print(f"skipped {summary['skipped']} files"
+              + (f" (listed in {sidecar(out, 'skipped.tsv')})" if summary["skipped"] else ""))
+        if args.verify:
+            result = verify(out, summary["items"], max_resolution=max_resolution,
+                            samples=args.verify_samples, workers=args.workers)
+            print(f"verify: ok ({result['samples']} samples and labels via ffcv's Loader; "
+                  f"{result['images_checked']} images, min PSNR {result['min_psnr_db']:.1f} dB "
+                  f">= {VERIFY_MIN_PSNR} dB)")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
