@@ -105,7 +105,11 @@ class Trainer:
         self.dist = dist.init_distributed(cfg.dist.backend, self.device)
         self._seed_everything(cfg.train.seed + self.dist.rank)
         if cfg.train.deterministic:
+            # Bit-reproducible: deterministic kernels, and one intra-op thread on the CPU, since
+            # a reduction split over another number of threads rounds differently.
             torch.use_deterministic_algorithms(True)
+            if self.device.type == "cpu":
+                torch.set_num_threads(1)
 
         self.loader = build_loader_from_config(
             cfg.data, split="train", device=self.device, seed=cfg.train.seed,

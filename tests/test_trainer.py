@@ -1,0 +1,216 @@
+"""The trainer end to end on the toy ImageNet (CPU): learning, exact resume, faults, records.
+
+Small settings throughout: ResNet-18 at 32 px, batch 16, the conftest's toy ImageNet (48 train
+images, so 3 steps per epoch), no loader worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsiam.checkpoint import load_checkpoint, save_checkpoint
+from fastsiam.cli import main
+from fastsiam.config import load_config
+from fastsiam.trainer import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def toy_overrides(toy: Path, **extra: object) -> list[str]:
+    base = {
+        "data.train_path": str(toy / "train"), "data.val_path": str(toy / "val"),
+        "data.batch_size": 16, "data.workers": 0, "data.image_size": 32,
+        "model.backbone": "resnet18", "model.dim": 64, "model.pred_dim": 16,
+        "model.sync_bn": False, "optim.lr": 8.0, "train.epochs": 2, "train.amp": "none",
+        "train.device": "cpu", "train.log_every": 2, "train.deterministic": True,
+        "eval.knn_every": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train(toy: Path, work_dir: Path, resume: str | None = None, **extra: object) -> Trainer:
+    cfg = load_config(None, toy_overrides(toy, **extra))
+    trainer = Trainer(cfg, work_dir=work_dir, resume=resume)
+    trainer.result = trainer.fit()  # type: ignore[attr-defined]
+    return trainer
+
+
+def records(work_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_short_training_lowers_loss_without_collapse(toy_imagenet: Path, tmp_path: Path) -> None:
+    t = train(toy_imagenet, tmp_path / "run", **{"train.epochs": 4, "train.log_every": 1})
+    steps = [r for r in records(tmp_path / "run") if "loss" in r]
+    assert len(steps) == 4 * 3
+    first = sum(r["loss"] for r in steps[:3]) / 3
+    last = sum(r["loss"] for r in steps[-3:]) / 3
+    assert last < first - 0.05, (first, last)
+    # collapse monitor: healthy is ~1/sqrt(64) = 0.125; a collapsed run falls toward 0
+    assert all(r["z_std"] > 0.25 / 8 for r in steps), [r["z_std"] for r in steps]
+    assert {"lr", "images_per_s", "data_wait", "epoch", "step"} <= steps[0].keys()
+    assert t.result.finished and t.result.step == 12
+
+
+def test_run_directory_contents(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    train(toy_imagenet, wd, **{"train.epochs": 3, "output.keep_last": 2})
+    names = sorted(p.name for p in wd.iterdir())
+    assert names == ["best.pt", "config.yaml", "epoch_0002.pt", "epoch_0003.pt", "metrics.jsonl"]
+    saved = load_config(wd / "config.yaml")
+    assert saved.train.epochs == 3 and saved.data.batch_size == 16
+    state = load_checkpoint(wd / "epoch_0003.pt")          # weights_only=True
+    assert state["epoch"] == 3 and state["step"] == 9
+    assert state["config"]["model"]["dim"] == 64
+    assert {"model", "optimizer", "rng", "loader", "step_state"} <= state.keys()
+    # the lr follows the cosine per step from the peak 8.0 * 16/256 = 0.5 (records every 2 steps)
+    lrs = [r["lr"] for r in records(wd) if "lr" in r]
+    assert lrs[0] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 1 / 9)))
+    assert lrs[-1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
+
+
+def test_resume_at_epoch_boundary_is_exact(toy_imagenet: Path, tmp_path: Path) -> None:
+    straight = train(toy_imagenet, tmp_path / "a")
+    train(toy_imagenet, tmp_path / "b", **{"train.max_steps": 3})    # exactly one epoch
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["best.pt", "epoch_0001.pt"]
+    resumed = train(toy_imagenet, tmp_path / "b", resume="auto")
+    assert resumed.result.step == 6
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_resume_mid_epoch_is_exact(toy_imagenet: Path, tmp_path: Path) -> None:
+    straight = train(toy_imagenet, tmp_path / "a")
+    part = train(toy_imagenet, tmp_path / "b", **{"train.max_steps": 5})
+    assert part.result.stopped_by == "max_steps"
+    assert (tmp_path / "b" / "step_00000005.pt").is_file()
+    resumed = train(toy_imagenet, tmp_path / "b", resume="auto")
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_corrupt_newest_checkpoint_is_skipped(toy_imagenet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    wd = tmp_path / "run"
+    straight = train(toy_imagenet, tmp_path / "a")
+    train(toy_imagenet, wd, **{"train.max_steps": 3})
+    newest = wd / "step_00000009.pt"   # looks newer than epoch_0001.pt but is truncated
+    data = (wd / "epoch_0001.pt").read_bytes()
+    newest.write_bytes(data[: len(data) // 3])
+    resumed = train(toy_imagenet, wd, resume="auto")
+    assert "step_00000009.pt" in caplog.text and "skipping" in caplog.text
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_work_dir_states_are_refused_clearly(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    train(toy_imagenet, wd, **{"train.epochs": 1})
+    with pytest.raises(TrainingError, match="already holds a run .* --resume auto"):
+        train(toy_imagenet, wd, **{"train.epochs": 1})
+    with pytest.raises(TrainingError, match="already holds a finished run"):
+        train(toy_imagenet, wd, resume="auto", **{"train.epochs": 1})
+
+
+def test_read_only_work_dir(toy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root (CI), which ignores permission bits: make mkdir fail as it would.
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(TrainingError, match=r"^work dir .*ro is not writable: Permission denied$"):
+        train(toy_imagenet, tmp_path / "ro", **{"train.epochs": 1})
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-save: a clear error, the previous file intact, no partial file left."""
+    from fastsiam.checkpoint import CheckpointError
+
+    path = tmp_path / "epoch_0001.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def full_disk(obj: object, f: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="no space left .* previous checkpoint is intact"):
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_0001.pt"]
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+
+
+def test_nonfinite_loss_stops_with_the_step_and_a_debug_checkpoint(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"non-finite loss \((nan|inf)\) at step (\d+) ") as e:
+        train(toy_imagenet, wd, **{"optim.lr": 1e12, "train.log_every": 1})   # diverges
+    step = int(e.value.args[0].split(" at step ")[1].split()[0])
+    events = [r for r in records(wd) if r.get("event") == "nonfinite"]
+    assert events and events[0]["step"] == step
+    # every loss logged before that step was finite: the first bad step is the one named
+    assert all(r["loss"] is not None for r in records(wd) if "loss" in r and r["step"] < step)
+    assert load_checkpoint(wd / "debug_nonfinite.pt")["step"] >= step
+
+
+def test_sigterm_checkpoints_and_resume_matches(toy_imagenet: Path, tmp_path: Path) -> None:
+    """Preemption: SIGTERM mid-run exits 0 with a checkpoint; --resume auto finishes the run
+    with the same parameters as an uninterrupted one."""
+    straight = train(toy_imagenet, tmp_path / "a", **{"train.epochs": 3, "train.log_every": 1})
+    wd = tmp_path / "b"
+    cmd = [sys.executable, "-m", "fastsiam", "train", "--config", str(REPO / "configs/simsiam_resnet18_toy-demo.yaml"),
+           "--work-dir", str(wd), *toy_overrides(toy_imagenet, **{"train.epochs": 3, "train.log_every": 1,
+                                                                  "output.work_dir": str(wd)})]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (wd / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    assert (wd / "metrics.jsonl").is_file(), proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped by signal" in out
+    stopped = [r for r in records(wd) if r.get("event") == "stopped"]
+    assert stopped and stopped[0]["reason"] == "signal"
+    resumed = train(toy_imagenet, wd, resume="auto", **{"train.epochs": 3, "train.log_every": 1})
+    assert resumed.result.finished and resumed.result.step == 9
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_plot_command_writes_pngs(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    train(toy_imagenet, wd, **{"train.epochs": 1})
+    assert main(["plot", str(wd)]) == 0
+    pngs = sorted(p.name for p in (wd / "plots").glob("*.png"))
+    assert pngs == ["images_per_s.png", "loss.png", "lr.png", "z_std.png"]
+    assert all((wd / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastsiam train: error: {tmp_path / 'missing.yaml'}: config file not found"
+    cfg = REPO / "configs/simsiam_resnet18_toy-demo.yaml"
+    assert main(["train", "--config", str(cfg), "--data", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fastsiam train: error: pil loader: data path {tmp_path / 'nope'} does not exist"
+
+
+def test_print_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = REPO / "configs/simsiam_resnet18_toy-demo.yaml"
+    assert main(["train", "--config", str(cfg), "--print-config", "optim.lr=0.3", "--max-steps", "5"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    again = load_config(printed)  # the printed text is a complete, valid config
+    assert again.optim.lr == 0.3 and again.train.max_steps == 5
+    assert again.to_dict() == load_config(cfg, ["optim.lr=0.3", "train.max_steps=5"]).to_dict()
