@@ -161,7 +161,7 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
         + (f"({optimizer.impl})" if hasattr(optimizer, "impl") else ""),
         "augment": v.augment, "final_loss": round(loss, 4),
         "peak_memory_mb": peak_memory_mb(str(device)),
-        "tflops": round(m.items_per_s * args.gflop_per_image / 1000, 3),
+        "tflops": m.items_per_s * args.gflop_per_image / 1000,
     }
     return {"measurement": m, **extra}
 
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="small settings for CI/CPU: resnet18, 64 px, batch 8, 2 iters")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--note", default=None, help="a remark stored with the results (machine load...)")
     args = p.parse_args(argv)
     smoke = dict(arch="resnet18", image_size=64, batch_size=8, iters=2, warmup=1)
     full = dict(arch="resnet50", image_size=224, batch_size=256, iters=20, warmup=5)
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "dim": args.dim, "pred_dim": args.pred_dim, "gflop_per_image": args.gflop_per_image,
         "gflop_per_image_counted": round(counted, 3), "torch_threads": torch.get_num_threads(),
         "input": "synthetic uint8 views on the device",
+        **({"note": args.note} if args.note else {}),
     }
     report = BenchmarkReport("step", str(device), settings, baseline="reference")
     skipped = {}

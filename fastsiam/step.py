@@ -5,7 +5,7 @@ One step is: device-side augmentation of the two views, the SimSiam forward unde
 optimizer update. It returns the loss and the collapse monitor as device tensors, so the
 caller decides when to synchronize (the trainer does every ``train.log_every`` steps).
 
-Decisions (see also docs/architecture.md):
+Decisions:
 
 - **Two passes, one per view.** The model's forward runs the encoder on view 1, then on
   view 2, as the official code does: every BatchNorm normalizes each view over its own

@@ -279,3 +279,22 @@ def test_cuda_graph_short_batch_runs_eagerly() -> None:
     with pytest.warns(UserWarning, match="running it eagerly"):
         out = step(make_batch(n=3, device="cuda"))
     assert torch.isfinite(out.loss)
+
+
+def test_step_benchmark_smoke_writes_rows(tmp_path) -> None:
+    import json
+    import os
+
+    from benchmarks.step import main
+
+    args = ["--smoke", "--device", "cpu", "--batch-size", "2", "--image-size", "32", "--iters", "1",
+            "--repeats", "1", "--warmup", "0", "--dim", "64", "--pred-dim", "16", "--concat",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / f"step-cpu{os.cpu_count()}.json").read_text())
+    names = [r["variant"] for r in report["rows"]]
+    assert names[:4] == ["reference", "+channels_last", "+bf16", "+fused_optimizer"]
+    assert report["baseline"] == "reference" and report["settings"]["skipped"]["+cuda_graph"]
+    ref, fused = report["rows"][0], report["rows"][3]
+    assert ref["optimizer"] == "torch.SGD" and fused["optimizer"] == "fastsiam.SGD(foreach)"
+    assert all(r["items_per_s"] > 0 and r["tflops"] > 0 for r in report["rows"])
