@@ -24,6 +24,7 @@ import io
 import json
 import multiprocessing
 import os
+import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -490,23 +491,40 @@ def _apply_chunk(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(x) for x in chunk]
 
 
+def start_method() -> str:
+    """``fork`` while this process runs a single Python thread, else ``spawn``.
+
+    Forked workers start in milliseconds and need no re-imports; forking while other threads
+    run (a progress bar's monitor, DALI's Python workers) can deadlock the child, so then the
+    workers are spawned (fresh interpreters: ~0.2-0.5 s each to import numpy and PIL).
+    """
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int,
                  chunksize: int = 16, window: int | None = None) -> Iterator[Any]:
     """``map(fn, items)`` over ``workers`` processes, results in input order.
 
-    At most ``window`` chunks (default ``4 * workers``) are in flight, so memory stays bounded
-    when the consumer (a writer) is slower than the workers; results never depend on timing.
-    ``workers == 1`` runs in this process. Workers are *spawned*: forking a process that holds
-    threads (DALI, tqdm, torch) can deadlock, and ``fn`` must be picklable (a module-level
-    function or a ``functools.partial`` of one).
+    The worker processes start right away (create the map before a progress bar, whose
+    monitor thread would rule out ``fork``; see :func:`start_method`). At most ``window``
+    chunks (default ``4 * workers``) are in flight, so memory stays bounded when the consumer
+    (a writer) is slower than the workers; results never depend on timing. ``workers == 1``
+    runs in this process. ``fn`` must be picklable (a module-level function or a
+    ``functools.partial`` of one).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1:
-        yield from map(fn, items)
-        return
-    window = window or 4 * workers
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        return (fn(x) for x in items)
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method()))
+    executor.submit(os.getpid).result()  # launches every worker now
+    return _ordered(executor, fn, items, chunksize, window or 4 * workers)
+
+
+def _ordered(executor: ProcessPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
+             chunksize: int, window: int) -> Iterator[Any]:
     pending: deque = deque()
     try:
         chunk: list[Any] = []
@@ -529,8 +547,13 @@ def progress(total: int, desc: str, quiet: bool = False):
     """A progress bar showing images/s and the ETA (tqdm, on stderr)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet, mininterval=0.5,
-                dynamic_ncols=True, smoothing=0.1)
+    class Bar(tqdm):
+        # No monitor thread: it outlives the bar, and a second thread rules out forking
+        # the next worker pool (start_method); the bar is updated for every image anyway.
+        monitor_interval = 0
+
+    return Bar(total=total, desc=desc, unit="img", disable=quiet, mininterval=0.5,
+               dynamic_ncols=True, smoothing=0.1)
 
 
 def make_readable(paths: Iterable[str | os.PathLike[str]]) -> None:

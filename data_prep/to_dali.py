@@ -284,8 +284,8 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         writer, labels = None, []
 
     work = functools.partial(prepare_jpeg, max_resolution=max_resolution, quality=jpeg_quality)
-    bar = progress(len(items) - start, "to_dali", quiet)
     results = parallel_map(work, (it.path for it in items[start:]), workers=workers, chunksize=8)
+    bar = progress(len(items) - start, "to_dali", quiet)
     try:
         with contextlib.closing(results):
             for pos, item, (payload, note) in zip(range(start, len(items)), items[start:], results):

@@ -196,6 +196,19 @@ class PreparedImages:
 
 
 @contextlib.contextmanager
+def _no_tqdm_monitor():
+    """ffcv's writer shows a plain tqdm bar; keep tqdm from starting its monitor thread, which
+    outlives the bar and would make later worker pools spawn instead of fork."""
+    from tqdm import tqdm
+
+    saved, tqdm.monitor_interval = tqdm.monitor_interval, 0
+    try:
+        yield
+    finally:
+        tqdm.monitor_interval = saved
+
+
+@contextlib.contextmanager
 def _fail_if_child_dies():
     """ffcv's DatasetWriter polls forever if its writer process dies; interrupt it instead."""
     before = set(multiprocessing.active_children())
@@ -288,8 +301,8 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
     begin = time.perf_counter()
     # Pass 1: decode everything once; the count must be known before ffcv allocates the file.
     items, sizes, skipped = [], [], Skipped()
-    bar = progress(len(source.items), "check", quiet)
     checks = parallel_map(check_image, (it.path for it in source.items), workers=workers, chunksize=16)
+    bar = progress(len(source.items), "check", quiet)
     with contextlib.closing(checks):
         for item, (reason, size) in zip(source.items, checks):
             bar.update(1)
@@ -331,7 +344,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
         writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()},
                                page_size=page_size, num_workers=1)
         try:
-            with _fail_if_child_dies():
+            with _no_tqdm_monitor(), _fail_if_child_dies():
                 writer.from_indexed_dataset(dataset, chunksize=chunk_size)
             if os.path.exists(error_path):
                 raise ConversionError(f"writing {out} failed at {Path(error_path).read_text()}")

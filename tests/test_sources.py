@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from data_prep.sources import (
     parallel_map,
     psnr,
     read_classes,
+    start_method,
     verify_indices,
     write_classes,
 )
@@ -172,6 +174,19 @@ def test_parallel_map_keeps_order_and_raises():
     assert list(parallel_map(functools.partial(pow, 2), items, workers=1)) == [2**x for x in items]
     with pytest.raises(ValueError, match="negative -1"):
         list(parallel_map(_square_or_fail, [1, 2, -1, 3], workers=2, chunksize=1))
+
+
+def test_parallel_map_spawns_while_other_threads_run():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert start_method() == "spawn"  # forking now could deadlock the workers
+        assert list(parallel_map(_square_or_fail, range(20), workers=2, chunksize=4)) == [x * x for x in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    assert start_method() == "fork"
 
 
 def test_psnr_and_verify_indices_hand_computed():
