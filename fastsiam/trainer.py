@@ -121,12 +121,13 @@ class Trainer:
         self.model.to(self.device, memory_format=memory_format)
         self.train_module: nn.Module = self.model
         if self.dist.enabled:
-            if cfg.model.sync_bn:
-                self.train_module = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                self.model = self.train_module  # type: ignore[assignment]
+            if cfg.model.sync_bn and self.device.type == "cuda":
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # type: ignore[assignment]
+            elif cfg.model.sync_bn and self.dist.is_main:
+                log.warning("model.sync_bn: SyncBatchNorm needs CUDA; BatchNorm stays per process on %s",
+                            self.device)
             self.train_module = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
             )
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.peak_lr = cfg.optim.lr * self.global_batch / 256

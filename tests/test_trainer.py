@@ -118,7 +118,7 @@ def test_corrupt_newest_checkpoint_is_skipped(toy_imagenet: Path, tmp_path: Path
 def test_work_dir_states_are_refused_clearly(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
     train(toy_imagenet, wd, **{"train.epochs": 1})
-    with pytest.raises(TrainingError, match="already holds a run .* --resume auto"):
+    with pytest.raises(TrainingError, match=r"already holds a run .* --resume auto"):
         train(toy_imagenet, wd, **{"train.epochs": 1})
     with pytest.raises(TrainingError, match="already holds a finished run"):
         train(toy_imagenet, wd, resume="auto", **{"train.epochs": 1})
@@ -145,7 +145,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyte
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="no space left .* previous checkpoint is intact"):
+    with pytest.raises(CheckpointError, match=r"no space left .* previous checkpoint is intact"):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_0001.pt"]
     assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
