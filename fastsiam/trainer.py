@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import subprocess
 import time
@@ -104,6 +105,10 @@ class Trainer:
         self.device = dist.resolve_device(cfg.train.device, local_rank)
         self.dist = dist.init_distributed(cfg.dist.backend, self.device)
         self._seed_everything(cfg.train.seed + self.dist.rank)
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Leave a core to each loader worker: oversubscribed OpenMP threads spin against the
+            # workers and can slow small ops a hundredfold on a busy machine.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.data.workers))
         if cfg.train.deterministic:
             # Bit-reproducible: deterministic kernels, and one intra-op thread on the CPU, since
             # a reduction split over another number of threads rounds differently.
