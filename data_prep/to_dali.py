@@ -284,7 +284,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         writer, labels = None, []
 
     work = functools.partial(prepare_jpeg, max_resolution=max_resolution, quality=jpeg_quality)
-    results = parallel_map(work, (it.path for it in items[start:]), workers=workers, chunksize=8)
+    results = parallel_map(work, (it.path for it in items[start:]), workers=workers, chunksize=32)
     bar = progress(len(items) - start, "to_dali", quiet)
     try:
         with contextlib.closing(results):

@@ -301,7 +301,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
     begin = time.perf_counter()
     # Pass 1: decode everything once; the count must be known before ffcv allocates the file.
     items, sizes, skipped = [], [], Skipped()
-    checks = parallel_map(check_image, (it.path for it in source.items), workers=workers, chunksize=16)
+    checks = parallel_map(check_image, (it.path for it in source.items), workers=workers, chunksize=32)
     bar = progress(len(source.items), "check", quiet)
     with contextlib.closing(checks):
         for item, (reason, size) in zip(source.items, checks):

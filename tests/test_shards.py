@@ -23,6 +23,7 @@ from fastsiam.data.shards import (
     read_manifest,
     read_member,
     tar_member_bytes,
+    ustar_header,
     write_manifest,
 )
 
@@ -84,6 +85,33 @@ def test_writer_output_is_a_plain_deterministic_tar(tmp_path):
         index = read_index(tmp_path / "a" / "s.idx")
         assert [(f"{k}.{e}", off, n) for k, comps in index for e, (off, n) in comps.items()] == \
                [(m.name, m.offset_data, m.size) for m in members]
+
+
+def test_writer_bytes_equal_tarfiles_own_archive(tmp_path):
+    import io
+
+    with ShardWriter(tmp_path / "s.tar", tmp_path / "s.idx") as w:
+        for i, size in enumerate(SIZES):
+            w.add(f"{i:04d}", {"jpg": _payload(i, size), "cls": str(i).encode()})
+        w.close()
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, size in enumerate(SIZES):
+            for ext, data in (("jpg", _payload(i, size)), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "s.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "size"), [("0.cls", 0), ("00000001.jpg", 123457), ("n" * 100, 8**11 - 1)])
+def test_ustar_header_equals_tarfiles(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+    assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="1-100 bytes"):
+        ustar_header("n" * 101, size)
+    with pytest.raises(ValueError, match="too large"):
+        ustar_header(name, 8**11)
 
 
 def test_index_equals_dalis_wds2idx(tmp_path):

@@ -1,0 +1,152 @@
+"""Offline converter throughput: to_dali.py and to_ffcv.py against a plain parallel decode.
+
+Checking every image for corruption costs one full decode, so the yardstick is a plain
+parallel decode of the same files with the same number of worker processes (the same pool,
+the same chunking). For each worker count it times, end to end (listing, checking, encoding,
+writing, manifest):
+
+- ``decode wN``: read + full PIL decode of every file, nothing written (the yardstick);
+- ``to_dali wN``: ``data_prep/to_dali.py`` without re-encoding (original JPEG bytes kept);
+- ``to_ffcv wN``: ``data_prep/to_ffcv.py`` with its defaults (500 px, 50% JPEG at q90).
+
+Goals: ``to_dali`` >= 0.8x ``decode`` at the same worker count; each converter >= 1.7x from
+1 to 2 workers on a 2-core machine. Variants run round-robin (one conversion each per round)
+so that load from other jobs hits all of them alike. Rows carry ``mb_per_s`` (source bytes),
+``vs_decode`` and ``scaling`` (medians of per-round ratios to decode at the same worker count
+and to the smallest worker count) and ``cpu_ms_per_image`` (CPU time of the whole process
+tree, robust to other load). The load average before and after is recorded.
+
+    python benchmarks/convert.py                       # toy ImageNet, 10 x 100 images, 200-600 px
+    python benchmarks/convert.py --src /data/imagenet/train --limit 50 --workers 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep import to_dali, to_ffcv
+from data_prep.sources import decode_image, list_image_folder, parallel_map, read_file
+from fastsiam.benchmark import BenchmarkReport, Measurement, measure
+
+
+def decode_only(path: str) -> int:
+    """The yardstick's unit of work: read and fully decode one file."""
+    return decode_image(read_file(path)).width
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (pool workers, ffcv's writer):
+    unlike wall time, barely affected by other jobs on the machine."""
+    import multiprocessing
+    import resource
+
+    multiprocessing.active_children()  # reaps finished children so that they are counted
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _quietly(fn: Any, *args: Any) -> int:
+    # The converters print a summary and ffcv's writer a progress bar; keep the table readable.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = fn(*args)
+    if rc != 0:
+        raise RuntimeError(f"{fn.__module__} failed: {err.getvalue().strip()}")
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", help="an ImageFolder to convert (default: a generated toy ImageNet)")
+    parser.add_argument("--limit", type=int, help="first N images per class of --src")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=10, help="toy dataset: classes")
+    parser.add_argument("--per-class", type=int, default=100, help="toy dataset: images per class")
+    parser.add_argument("--out-dir", help="where to write the JSON (default benchmarks/results)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="convert-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.src:
+            src, dataset = Path(args.src), str(args.src)
+        else:
+            from data_prep.make_toy_imagenet import make_toy_imagenet
+
+            make_toy_imagenet(tmp / "toy", num_classes=args.classes, train_per_class=args.per_class,
+                              val_per_class=1, seed=0, min_side=200, max_side=600,
+                              workers=max(args.workers))
+            src = tmp / "toy" / "train"
+            dataset = f"toy ImageNet train, {args.classes} x {args.per_class} images, 200-600 px"
+        limit = ["--limit", str(args.limit)] if args.limit else []
+        paths = [it.path for it in list_image_folder(src, limit=args.limit).items]
+        source_mb = sum(os.path.getsize(p) for p in paths) / 1e6
+        load_before = os.getloadavg()
+        report = BenchmarkReport("convert", "cpu", {
+            "dataset": dataset, "images": len(paths), "source_mb": round(source_mb, 1),
+            "workers": args.workers, "repeats": args.repeats,
+            "ffcv_options": "defaults: --max-resolution 500 --write-mode proportion "
+                            "--compress-probability 0.5 --jpeg-quality 90",
+            "dali_options": "--shard-size 2000 (no re-encoding)",
+        }, baseline=f"decode w{args.workers[0]}")
+
+        def run_decode(w: int) -> None:
+            for _ in parallel_map(decode_only, paths, workers=w, chunksize=32):  # as to_dali
+                pass
+
+        def run_dali(w: int) -> None:
+            _quietly(to_dali.main, ["--src", str(src), "--out", str(tmp / "shards"), *limit,
+                                    "--workers", str(w), "--overwrite", "--quiet"])
+
+        def run_ffcv(w: int) -> None:
+            _quietly(to_ffcv.main, ["--src", str(src), "--out", str(tmp / "train.beton"), *limit,
+                                    "--workers", str(w), "--overwrite", "--quiet"])
+
+        variants = [(f"{name} w{w}", name, w, fn) for name, fn in
+                    (("decode", run_decode), ("to_dali", run_dali), ("to_ffcv", run_ffcv))
+                    for w in args.workers]
+        # Round-robin over variants, one timed conversion each per round, so that load from
+        # other jobs hits every variant alike; ratios are taken within a round.
+        samples: dict[str, list[float]] = {v[0]: [] for v in variants}
+        cpu: dict[str, list[float]] = {v[0]: [] for v in variants}
+        for round_ in range(args.repeats):
+            for label, _, w, fn in variants:
+                before = _cpu_seconds()
+                m = measure(lambda fn=fn, w=w: fn(w), items_per_call=len(paths), iters=1,
+                            repeats=1, warmup=1 if round_ == 0 else 0)
+                cpu[label].append((_cpu_seconds() - before) / (2 if round_ == 0 else 1))
+                samples[label].append(m.items_per_s)
+                print(f"round {round_ + 1}: {label} {m.items_per_s:.1f} images/s", file=sys.stderr)
+        first = args.workers[0]
+        for label, name, w, _ in variants:
+            rates = samples[label]
+            m = Measurement(statistics.median(rates), min(rates), max(rates),
+                            statistics.mean(len(paths) / r for r in rates), len(rates), 1, 1, rates)
+
+            def ratio(to: str, rates: list[float] = rates) -> float:
+                return round(statistics.median(r / b for r, b in zip(rates, samples[to])), 3)
+
+            extra: dict[str, Any] = {
+                "workers": w, "mb_per_s": round(source_mb * m.items_per_s / len(paths), 2),
+                "cpu_ms_per_image": round(1000 * statistics.median(cpu[label]) / len(paths), 3),
+                "scaling": ratio(f"{name} w{first}")}
+            if name != "decode":
+                extra["vs_decode"] = ratio(f"decode w{w}")
+            report.add(label, m, **extra)
+        report.settings["load_average_before_after"] = [round(x, 2) for x in (*load_before[:1], os.getloadavg()[0])]
+        print(report.table())
+        print(f"wrote {report.write(args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
