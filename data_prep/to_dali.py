@@ -20,8 +20,9 @@ has a PNG named ``.JPEG``), and, with ``--max-resolution N``, images whose longe
 Every loader then gets three channels from any decoder (DALI, nvjpeg, torchvision).
 
 The folder appears under its final name only when complete: shards are written into
-``.<out>.partial/`` and a journal records each finished shard with its checksum, so after a
-crash or kill ``--resume`` re-checks the finished shards and continues after the last good one;
+``.<out>.partial/`` and a journal record (``shard-NNNNNN.json``) follows each finished shard
+with its checksums, so after a crash or kill ``--resume`` re-checks the finished shards and
+continues after the last good one;
 the result is byte-identical to an uninterrupted run (keys, shard boundaries and tar metadata do
 not depend on timing or on ``--workers``).
 """
@@ -74,7 +75,6 @@ from data_prep.sources import (
 # spawned workers (they re-import this module) should not pay for.
 
 DEFAULT_SHARD_SIZE = 2000  # ~220 MB of ImageNet JPEGs per tar
-JOURNAL = "progress.json"
 CLASSES = "classes.json"
 REPORT = "skipped.tsv"
 
@@ -141,49 +141,47 @@ def _fingerprint(source: Source, options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _load_journal(staging: Path, fingerprint: str) -> dict[str, Any]:
-    """The interrupted run's state, with every finished shard re-checked by its checksum."""
+def _record_name(shard: int) -> str:
+    return f"shard-{shard:06d}.json"
+
+
+def _load_journal(staging: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """The interrupted run's finished shards (one record each, in order), every one re-checked
+    by its checksums; stops at the first missing, unreadable or damaged shard."""
     from fastsiam.data.shards import ShardEntry, file_sha256
 
-    fresh = {"fingerprint": fingerprint, "shards": [], "skipped": []}
-    path = staging / JOURNAL
-    if not path.exists():
-        print(f"resume: {staging} has no journal; starting from the beginning", file=sys.stderr)
-        return fresh
-    try:
-        journal = json.loads(path.read_text())
-    except ValueError:
-        print(f"resume: {path} is unreadable; starting from the beginning", file=sys.stderr)
-        return fresh
-    if journal.get("fingerprint") != fingerprint:
-        raise ConversionError(f"cannot resume {staging}: the input listing or the options differ "
-                              f"from the interrupted run; pass --overwrite to start over")
-    good = []
-    for record in journal["shards"]:
+    records: list[dict[str, Any]] = []
+    while (path := staging / _record_name(len(records))).exists():
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            print(f"resume: {path} is unreadable; redoing that shard and what follows",
+                  file=sys.stderr)
+            break
+        if record.get("fingerprint") != fingerprint:
+            raise ConversionError(f"cannot resume {staging}: the input listing or the options "
+                                  f"differ from the interrupted run; pass --overwrite to start over")
         entry = ShardEntry(**record["entry"])
-        ok = all((staging / name).is_file() and file_sha256(staging / name) == sha
-                 for name, sha in ((entry.tar, entry.sha256), (entry.index, entry.index_sha256)))
-        if not ok:
+        if not all((staging / name).is_file() and file_sha256(staging / name) == sha
+                   for name, sha in ((entry.tar, entry.sha256), (entry.index, entry.index_sha256))):
             print(f"resume: {entry.tar} fails its checksum; redoing it and what follows",
                   file=sys.stderr)
             break
-        good.append(record)
-    next_pos = good[-1]["next_candidate"] if good else 0
-    skipped = [s for s in journal["skipped"] if s[0] < next_pos]
-    return {"fingerprint": fingerprint, "shards": good, "skipped": skipped}
+        records.append(record)
+    return records
 
 
-def _write_journal(staging: Path, journal: dict[str, Any]) -> None:
+def _write_record(staging: Path, shard: int, record: dict[str, Any]) -> None:
     from fastsiam.io import atomic_open
 
-    with atomic_open(staging / JOURNAL, "w") as f:
-        json.dump(journal, f)
+    with atomic_open(staging / _record_name(shard), "w") as f:
+        json.dump(record, f)
 
 
 def _clean_staging(staging: Path, keep: set[str]) -> None:
     """Remove partial files and shards not in the journal (an interrupted run's leftovers)."""
     for p in staging.iterdir():
-        if p.name not in keep and p.name != JOURNAL:
+        if p.name not in keep:
             if p.is_dir():
                 shutil.rmtree(p)
             else:
@@ -248,19 +246,17 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
                               f"continue it or --overwrite to start over")
     if staging.exists() and overwrite and not resume:
         shutil.rmtree(staging)
-    if staging.exists():
-        journal = _load_journal(staging, fingerprint)
-    else:
-        journal = {"fingerprint": fingerprint, "shards": [], "skipped": []}
+    records = _load_journal(staging, fingerprint) if staging.exists() else []
     staging.mkdir(parents=True, exist_ok=True)
-    done = [ShardEntry(**r["entry"]) for r in journal["shards"]]
-    _clean_staging(staging, {name for e in done for name in (e.tar, e.index)})
+    done = [ShardEntry(**r["entry"]) for r in records]
+    _clean_staging(staging, {name for k, e in enumerate(done)
+                             for name in (e.tar, e.index, _record_name(k))})
 
     items = source.items
     key_digits = max(8, len(str(len(items))))
-    start = journal["shards"][-1]["next_candidate"] if journal["shards"] else 0
-    stats: Counter[str] = Counter(journal["shards"][-1]["stats"] if journal["shards"] else {})
-    skipped: list[list[Any]] = list(journal["skipped"])
+    start = records[-1]["next_candidate"] if records else 0
+    stats: Counter[str] = Counter(records[-1]["stats"] if records else {})
+    skipped: list[list[Any]] = [s for r in records for s in r["skipped"]]
     num_samples = sum(e.samples for e in done)
     if start:
         print(f"resume: {len(done)} shards ({num_samples} samples) verified; continuing at input "
@@ -271,16 +267,18 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
     writer: ShardWriter | None = None
     labels: list[int] = []
     last_pos = start - 1
+    recorded = len(skipped)  # skipped files already in a journal record
 
     def finish_shard() -> None:
-        nonlocal writer, labels
+        # The shard's files are complete and renamed before its journal record appears.
+        nonlocal writer, labels, recorded
         assert writer is not None
         entry = ShardEntry(**{**asdict(writer.close()), "labels": labels})
+        _write_record(staging, len(done), {
+            "fingerprint": fingerprint, "entry": asdict(entry), "next_candidate": last_pos + 1,
+            "stats": dict(stats), "skipped": [s for s in skipped[recorded:] if s[0] <= last_pos]})
+        recorded = sum(1 for s in skipped if s[0] <= last_pos)
         done.append(entry)
-        journal["shards"].append({"entry": asdict(entry), "next_candidate": last_pos + 1,
-                                  "stats": dict(stats)})
-        journal["skipped"] = [s for s in skipped if s[0] <= last_pos]
-        _write_journal(staging, journal)
         writer, labels = None, []
 
     work = functools.partial(prepare_jpeg, max_resolution=max_resolution, quality=jpeg_quality)
@@ -339,7 +337,8 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         source=source.describe(), options=options,
         stats={"skipped": len(report), "stored": dict(sorted(stats.items()))})
     write_manifest(staging, manifest)
-    (staging / JOURNAL).unlink()
+    for k in range(len(done)):
+        (staging / _record_name(k)).unlink()
     make_readable(staging.iterdir())
     _replace_dir(staging, out)
     seconds = time.perf_counter() - begin

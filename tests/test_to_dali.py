@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -146,16 +147,16 @@ def test_output_is_identical_with_one_worker(bad_tree, converted, tmp_path):
     assert files(tmp_path / "one") == files(out)
 
 
-def test_killed_run_leaves_no_output_and_resume_finishes_it(bad_tree, converted, tmp_path):
-    root, _ = bad_tree
-    out, staging = tmp_path / "shards", tmp_path / ".shards.partial"
+def _kill_after_shards(root: Path, out: Path, shards: int) -> Path:
+    """Start a slowed-down conversion, SIGKILL it once ``shards`` shards are journaled."""
+    staging = out.parent / f".{out.name}.partial"
     cmd = [sys.executable, "data_prep/to_dali.py", "--src", str(root), "--out", str(out), *SHARD,
            "--workers", "2", "--quiet"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, TEST_DELAY_ENV: "0.1"},
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal, deadline = staging / "progress.json", time.monotonic() + 120
+    deadline = time.monotonic() + 120
     try:
-        while not (journal.exists() and len(json.loads(journal.read_text())["shards"]) >= 2):
+        while not (staging / f"shard-{shards - 1:06d}.json").exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the first shards never appeared"
             time.sleep(0.02)
@@ -163,24 +164,38 @@ def test_killed_run_leaves_no_output_and_resume_finishes_it(bad_tree, converted,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     assert not out.exists()
-    done = len(json.loads(journal.read_text())["shards"])
-    assert 2 <= done < 6
+    assert shards <= len(list(staging.glob("shard-*.json"))) < 6
+    return staging
 
+
+def test_killed_run_leaves_no_output_and_resume_finishes_it(bad_tree, converted, tmp_path):
+    root, _ = bad_tree
+    out = tmp_path / "shards"
+    # Three shards: the second one's record carries a skipped (truncated) file.
+    staging = _kill_after_shards(root, out, 3)
     rc, _, err = run("--src", root, "--out", out, *SHARD)
     assert rc == 1 and "pass --resume to continue it" in err
     rc, _, err = run("--src", root, "--out", out, "--shard-size", "5", "--resume")
     assert rc == 1 and "options differ from the interrupted run" in err
+    rc, _, err = run("--src", root, "--out", out, *SHARD, "--workers", "2", "--resume")
+    assert rc == 0, err
+    assert re.search(r"resume: [345] shards \((24|32|40) samples\) verified", err), err
+    assert not staging.exists()
+    assert files(out) == files(converted[0])
 
-    # Damage the second finished shard: resume keeps the first and redoes the rest.
+
+def test_resume_redoes_a_damaged_shard(bad_tree, converted, tmp_path):
+    root, _ = bad_tree
+    out = tmp_path / "shards"
+    staging = _kill_after_shards(root, out, 2)
     tar = staging / "shard-000001.tar"
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF
     tar.write_bytes(bytes(data))
-    rc, _, err = run("--src", root, "--out", out, *SHARD, "--workers", "2", "--resume")
+    rc, _, err = run("--src", root, "--out", out, *SHARD, "--resume")
     assert rc == 0, err
     assert "shard-000001.tar fails its checksum" in err
     assert "resume: 1 shards (8 samples) verified" in err
-    assert not staging.exists()
     assert files(out) == files(converted[0])
 
 
