@@ -31,14 +31,18 @@ class Backend:
     module: str            # implements build(path, **kwargs)
     needs: str | None      # the optional library it imports, for the install hint
     install: str | None    # how to get it
+    needs_path: bool = True  # False: the backend makes its data up (synthetic)
 
 
 _BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, module: str, needs: str | None = None, install: str | None = None) -> None:
+def register_backend(
+    name: str, module: str, needs: str | None = None, install: str | None = None,
+    needs_path: bool = True,
+) -> None:
     """Make ``module`` (which defines ``build``) available as backend ``name``."""
-    _BACKENDS[name] = Backend(module, needs, install)
+    _BACKENDS[name] = Backend(module, needs, install, needs_path)
 
 
 def available_backends() -> list[str]:
@@ -46,7 +50,7 @@ def available_backends() -> list[str]:
 
 
 register_backend("pil", "fastsiam.data.pil_loader")
-register_backend("synthetic", "fastsiam.data.synthetic")
+register_backend("synthetic", "fastsiam.data.synthetic", needs_path=False)
 register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader")
 register_backend("ffcv", "fastsiam.data.ffcv_loader", needs="ffcv",
                  install="pip install 'fastsiam[ffcv]' (needs apt packages pkg-config libopencv-dev libturbojpeg0-dev)")
@@ -75,7 +79,7 @@ def build_loader(
 
     Args:
         backend: a registered name (``fastsiam.data.available_backends()``).
-        path: the data in the backend's format.
+        path: the data in the backend's format (ignored by ``synthetic``).
         batch_size: samples per batch on this rank.
         image_size: output side; val batches are resized to ``image_size / 0.875`` first
             (256 for 224) and center-cropped.
@@ -92,9 +96,9 @@ def build_loader(
         raise ValueError(f"unknown loader backend {backend!r}; expected one of {', '.join(available_backends())}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
     spec = _BACKENDS[backend]
+    if spec.needs_path and not Path(path).exists():
+        raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
     try:
         module = importlib.import_module(spec.module)
     except ImportError as e:
@@ -117,11 +121,12 @@ def build_loader_from_config(
     """Build from the config's ``data`` section (``train_path`` or ``val_path`` by split)."""
     if path is None:
         path = data_cfg.train_path if split == "train" else data_cfg.val_path
-    if not path:
+    spec = _BACKENDS.get(data_cfg.backend)
+    if not path and (spec is None or spec.needs_path):
         key = "data.train_path" if split == "train" else "data.val_path"
         raise ValueError(f"config key '{key}' is empty: set it to the dataset for the {data_cfg.backend} backend")
     return build_loader(
-        data_cfg.backend, path, batch_size=batch_size or data_cfg.batch_size,
+        data_cfg.backend, path or "", batch_size=batch_size or data_cfg.batch_size,
         image_size=data_cfg.image_size, scale=data_cfg.scale, ratio=data_cfg.ratio,
         workers=data_cfg.workers, device=device, split=split, seed=seed, rank=rank,
         world_size=world_size, drop_last=split == "train", **data_cfg.options,

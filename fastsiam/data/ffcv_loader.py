@@ -1,0 +1,290 @@
+"""The FFCV backend: a .beton read by FFCV's loader with a decode-once, crop-twice decoder.
+
+FFCV (Leclerc et al., "FFCV: Accelerating Training by Removing Data Bottlenecks", CVPR 2023)
+reads a memory-mapped .beton and runs numba-compiled decoders on threads. Here the image
+field goes through :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` (one JPEG decode, two
+RandomResizedCrops), so one pass yields both SimSiam views; flips and colour work happen on
+the device. Batches are moved with FFCV's ``ToDevice(non_blocking=True)`` on FFCV's own CUDA
+streams; each view is already a channels_last block and is copied once on the device, out of
+FFCV's recycled buffers.
+
+Order (backend option ``order``):
+
+- ``random`` (default): the shared :class:`~fastsiam.data.sampler.EpochSampler`: a full
+  permutation per epoch from (seed, epoch), rank ``r`` of ``w`` taking every ``w``-th sample
+  (the rule of FFCV's ``distributed=True``, which follows torch's DistributedSampler, but taken
+  from ``rank``/``world_size`` instead of an initialized process group).
+- ``quasi_random``: FFCV's QUASI_RANDOM, which shuffles within a window of pages to read
+  less of the file when it does not fit in memory (use with ``os_cache=False``); like FFCV,
+  refused when ``world_size > 1``.
+
+Resume: mid-epoch, exactly, for both orders: the order is a function of (seed, epoch) and
+the crops of (seed, epoch, sample, view), so a resumed epoch skips the consumed batches and
+continues with the same samples and crops.
+
+Note: FFCV sets the process's torch CPU threads to ``workers`` when it starts an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import ffcv  # noqa: F401  (a missing library fails here, with the install hint of build_loader)
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.loader import Loader as FFCVLoader
+from ffcv.loader import OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.reader import Reader
+from ffcv.transforms import ToDevice, ToTensor
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.types import CURRENT_VERSION, HeaderType
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.crops import eval_crop_fraction
+from fastsiam.data.ffcv_ops import TwoCropDecoder, split_views
+from fastsiam.data.loader import Loader
+from fastsiam.data.sampler import EpochSampler
+
+ORDERS = ("random", "quasi_random")
+
+
+class SamplerOrder(TraversalOrder):
+    """FFCV traversal order taken from an :class:`EpochSampler` and cut at its resume point.
+
+    FFCV asks for an epoch's order when the epoch starts; this answers with the sampler's
+    current epoch (ignoring FFCV's own epoch counter, which does not survive a restart) from
+    batch ``sampler.start_batch`` on.
+
+    Args:
+        loader: the FFCV loader.
+        sampler: epoch, rank share and resume point.
+        inner: an FFCV order to draw the permutation from instead (QUASI_RANDOM), or None.
+    """
+
+    def __init__(
+        self, loader: FFCVLoader, sampler: EpochSampler, inner: TraversalOrder | None = None
+    ):
+        super().__init__(loader)
+        self.epoch_sampler = sampler
+        self.inner = inner
+        if inner is not None:
+            # QUASI_RANDOM shuffles its page table in place, so its order for an epoch depends
+            # on the calls before; restarting from a pristine copy makes it a function of
+            # (seed, epoch), which a resume needs.
+            inner.prepare_data_structures()
+            self._pages = inner.page_to_samples_array.copy()
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        s = self.epoch_sampler
+        if self.inner is None:
+            order = s.rank_indices().numpy()
+        else:  # single rank (checked at build): the whole order, cut as the sampler's rule
+            self.inner.page_to_samples_array = self._pages.copy()
+            order = np.asarray(self.inner.sample_order(s.epoch))
+            if s.drop_last:
+                order = order[: len(s) * s.batch_size]
+        return order[s.start_batch * s.batch_size :].astype(np.uint64)
+
+
+class FFCVTwoViewLoader(Loader):
+    """An FFCV loader yielding :class:`TwoViewBatch` (or :class:`EvalBatch` for val).
+
+    Args:
+        ffcv_loader: the FFCV loader (built by :func:`build`; its order is a :class:`SamplerOrder`).
+        sampler: the same sampler its order reads.
+        decoder: the train decoder (for its epoch), or None for val.
+        device: where batches are delivered.
+        num_classes, classes: from the .beton's labels / ``classes.json``.
+    """
+
+    def __init__(
+        self,
+        ffcv_loader: FFCVLoader,
+        sampler: EpochSampler,
+        decoder: TwoCropDecoder | None,
+        device: torch.device,
+        num_classes: int,
+        classes: list[str] | None,
+    ):
+        super().__init__(sampler)
+        self.ffcv_loader = ffcv_loader
+        self.decoder = decoder
+        self.device = device
+        self.num_classes = num_classes
+        self.classes = classes
+
+    def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
+        if self.decoder is not None:
+            self.decoder.set_epoch(self.sampler.epoch)
+        epoch = iter(self.ffcv_loader)
+        try:
+            for images, labels in _guarded(epoch):
+                # FFCV reuses its output buffers a few batches later, so the consumer gets
+                # copies (plain contiguous ones: the views are channels_last already).
+                label = labels.reshape(-1).clone()
+                if self.decoder is None:
+                    view = images.permute(0, 3, 1, 2)
+                    yield EvalBatch(view.clone(memory_format=torch.channels_last), label)
+                else:
+                    v1, v2 = split_views(images)
+                    yield TwoViewBatch(
+                        v1.clone(memory_format=torch.channels_last),
+                        v2.clone(memory_format=torch.channels_last),
+                        label,
+                    )
+        finally:
+            epoch.close()
+
+
+def _guarded(epoch: Iterator) -> Iterator:
+    """FFCV's epoch iterator, raising instead of waiting forever if its loading thread dies
+    (FFCV's own ``__next__`` blocks on the output queue, which a crashed thread never fills)."""
+    while True:
+        while epoch.output_queue.empty():
+            if not epoch.is_alive() and epoch.output_queue.empty():
+                raise RuntimeError(
+                    "ffcv loader: FFCV's loading thread died (its exception is above)"
+                )
+            time.sleep(0.0005)
+        try:
+            yield next(epoch)
+        except StopIteration:
+            return
+
+
+def _read_beton(path: Path, image_field: str, label_field: str) -> Reader:
+    """FFCV's reader for ``path``, or a one-line error saying what was expected instead."""
+    expected = "an FFCV .beton file (data_prep/to_ffcv.py)"
+    if path.is_dir():
+        raise ValueError(
+            f"ffcv loader: {path} is a directory; expected {expected} "
+            "(a shards folder is read by the dali or nvjpeg backend)"
+        )
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) == 0 or header[0]["version"] != CURRENT_VERSION:
+        raise ValueError(
+            f"ffcv loader: {path} is not {expected} (no FFCV v{CURRENT_VERSION} header)"
+        )
+    try:
+        reader = Reader(str(path))
+    except Exception as e:  # FFCV raises assorted errors on a damaged file
+        raise ValueError(
+            f"ffcv loader: {path} is not a readable FFCV .beton: {type(e).__name__}: {e}"
+        ) from None
+    fields = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    if not isinstance(reader.handlers.get(image_field), RGBImageField) or not isinstance(
+        reader.handlers.get(label_field), IntField
+    ):
+        raise ValueError(
+            f"ffcv loader: {path} has fields {fields}; expected an RGBImageField "
+            f"{image_field!r} and an IntField {label_field!r}"
+        )
+    return reader
+
+
+def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[str] | None]:
+    labels = reader.metadata[f"f{list(reader.handlers).index(label_field)}"]
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    names = None
+    mapping = path.parent / "classes.json"  # written beside the output by the converters
+    if mapping.is_file():
+        with open(mapping) as f:
+            data = json.load(f)
+        names = list(data) if isinstance(data, list) else sorted(data, key=data.__getitem__)
+        num_classes = max(num_classes, len(names))
+    return num_classes, names
+
+
+def build(
+    path: str | Path,
+    *,
+    batch_size: int,
+    image_size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    workers: int,
+    device: torch.device,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    order: str = "random",
+    os_cache: bool = True,
+    batches_ahead: int = 3,
+    image_field: str = "image",
+    label_field: str = "label",
+) -> FFCVTwoViewLoader:
+    """Build the FFCV loader over a .beton with an RGB image field and an int label field.
+
+    Options:
+        order: ``random`` or ``quasi_random`` (see the module docstring).
+        os_cache: let the OS page cache hold the file (FFCV's default; good when it fits in
+            RAM or several processes read it); False reads pages into the process.
+        batches_ahead: batches FFCV prepares in advance.
+        image_field, label_field: the .beton's field names.
+    """
+    path = Path(path)
+    if order not in ORDERS:
+        raise ValueError(
+            f"ffcv loader: option order must be one of {', '.join(ORDERS)}, got {order!r}"
+        )
+    if order == "quasi_random" and world_size > 1:
+        raise ValueError(
+            f"ffcv loader: order='quasi_random' is not available with distributed "
+            f"training (world_size={world_size}), as in FFCV; use order='random'"
+        )
+    reader = _read_beton(path, image_field, label_field)
+    train = split == "train"
+    sampler = EpochSampler(
+        int(reader.num_samples),
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    if train:
+        decoder = TwoCropDecoder(image_size, scale, ratio, seed)
+        image_decoder = decoder
+    else:
+        decoder = None
+        image_decoder = CenterCropRGBImageDecoder(
+            (image_size, image_size), ratio=eval_crop_fraction(image_size)
+        )
+    pipelines: dict[str, PipelineSpec | None] = {name: None for name in reader.handlers}
+    pipelines[image_field] = PipelineSpec(
+        image_field, decoder=image_decoder, transforms=[ToTensor(), *to_device]
+    )
+    pipelines[label_field] = PipelineSpec(
+        label_field, decoder=IntDecoder(), transforms=[ToTensor(), *to_device]
+    )
+    quasi = order == "quasi_random" and train
+    loader = FFCVLoader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=max(workers, 1),
+        os_cache=os_cache,
+        order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
+        seed=seed,
+        pipelines=pipelines,
+        drop_last=False,
+        batches_ahead=batches_ahead,
+    )
+    # The sampler already cut or padded the epoch; FFCV only walks the order it is given.
+    loader.traversal_order = SamplerOrder(
+        loader, sampler, loader.traversal_order if quasi else None
+    )
+    num_classes, classes = _classes(path, reader, label_field)
+    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes)
+
+
+__all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -1,0 +1,190 @@
+"""FFCV decoder operation: decode each JPEG once, cut two random resized crops from it.
+
+SimSiam (Chen & He, CVPR 2021) needs two views of every image. Stock FFCV gets a second view
+only through a second pipeline on the same field, which decodes the JPEG a second time; the
+decode is most of the per-image cost, so that nearly halves throughput. This operation
+decodes into its scratch buffer once and writes both crops, resized with FFCV's own
+``resize_crop`` (OpenCV, INTER_AREA), into one uint8 output buffer. The flip and the colour
+augmentations are left to the device (:mod:`fastsiam.augment`), where they are batched and
+cheap (FFCV's CPU flip copies every image once more).
+
+The batch buffer is filled view-major: FFCV allocates ``[B, 2, S, S, 3]`` (its shapes are per
+sample), but the memory holds ``[2, B, S, S, 3]``, so that each view is one contiguous NHWC
+block, i.e. a channels_last ``[B, 3, S, S]`` tensor without a transposing copy. Read it with
+:func:`split_views`.
+
+Crops come from :mod:`fastsiam.data.crops`, a counter-based generator keyed by
+(seed, epoch, sample, view), so they are reproducible whatever the thread schedule. The
+compiled decoder reads the epoch from a one-element array at run time (FFCV freezes the
+decoder's Python state into constants at compile time, and recompiling every epoch would
+cost seconds); :meth:`TwoCropDecoder.set_epoch` writes it before an epoch starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy, ctypes_resize
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+
+from fastsiam.data.crops import scalar_kernels, seed_key
+
+VIEWS = 2
+
+
+class TwoCropDecoder(Operation):
+    """Decoder for an ``RGBImageField``: two RandomResizedCrops per decoded image.
+
+    Output: a uint8 batch buffer of FFCV shape ``[B, 2, S, S, 3]`` holding ``[2, B, S, S, 3]``
+    (view-major, see :func:`split_views`). Works on JPEG and raw samples and on datasets of
+    varying image sizes (the scratch buffer fits the largest).
+
+    Args:
+        output_size: side ``S`` of both crops.
+        scale: range of a crop's area as a fraction of the image's (SimSiam: 0.2-1).
+        ratio: range of a crop's aspect ratio, width / height.
+        seed: the run's seed; with the epoch, the sample index and the view it fixes a crop.
+    """
+
+    def __init__(
+        self,
+        output_size: int,
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.output_size = int(output_size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.seed = int(seed)
+        # Read by the compiled code at the start of every batch (see the module docstring).
+        self._epoch_cell = np.zeros(1, dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose crops the next batches get; call before the epoch's iterator starts."""
+        self._epoch_cell[0] = epoch
+
+    def declare_state_and_memory(
+        self, previous_state: State
+    ) -> tuple[State, tuple[AllocationQuery, ...]]:
+        s = self.output_size
+        # uint64: the product of two uint16 maxima overflows numpy's default int on some platforms.
+        max_pixels = np.uint64(self.metadata["height"].max()) * np.uint64(
+            self.metadata["width"].max()
+        )
+        out_shape = (VIEWS, s, s, 3)
+        u8 = np.dtype("<u1")
+        return (
+            replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
+            (AllocationQuery(out_shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)),
+        )
+
+    def generate_code(self) -> Callable:
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        step, crop_box = _compiled_kernels()
+        # FFCV's C functions, called through ctypes directly: FFCV's Python wrappers, compiled
+        # as numba dispatchers with literal arguments, corrupt numba's overload table and make
+        # a later compilation in FFCV's loading thread fail.
+        imdecode_c, resize_c = ctypes_imdecode, ctypes_resize
+        jpg = IMAGE_MODES["jpg"]
+        run_key = seed_key(self.seed)
+        epoch_address = self._epoch_cell.ctypes.data
+        scale_lo, scale_hi = self.scale
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        ratio_lo, ratio_hi = min(self.ratio), max(self.ratio)
+        s = self.output_size
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            count = len(batch_indices)
+            views = destination[:count].reshape(VIEWS, count, s, s, 3)
+            epoch = np.zeros(1, dtype=np.int64)
+            ctypes_memcopy(epoch_address, epoch.ctypes.data, 8)
+            epoch_key = step(run_key, np.uint64(epoch[0]))
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    buffer = scratch[dst_ix]
+                    imdecode_c(
+                        image_data.ctypes.data,
+                        image_data.size,
+                        height,
+                        width,
+                        buffer.ctypes.data,
+                        height,
+                        width,
+                        0,
+                        0,
+                        1,
+                        1,
+                        False,
+                        False,
+                    )
+                    image = buffer[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                sample_key = step(epoch_key, np.uint64(source_ix))
+                for view in range(VIEWS):
+                    key = step(sample_key, np.uint64(view))
+                    top, left, h, w = crop_box(
+                        key,
+                        int(height),
+                        int(width),
+                        scale_lo,
+                        scale_hi,
+                        log_lo,
+                        log_hi,
+                        ratio_lo,
+                        ratio_hi,
+                    )
+                    out = views[view, dst_ix]
+                    resize_c(
+                        0,
+                        image.ctypes.data,
+                        height,
+                        width,
+                        top,
+                        top + h,
+                        left,
+                        left + w,
+                        out.ctypes.data,
+                        s,
+                        s,
+                    )
+            return destination[:count]
+
+        decode.is_parallel = True
+        return decode
+
+
+@functools.cache
+def _compiled_kernels():
+    # Compiled once per process and shared by every decoder (numba caches by signature).
+    return scalar_kernels(numba.njit(nogil=True))
+
+
+def split_views(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of a :class:`TwoCropDecoder` batch (any device) as ``[B, 3, S, S]``
+    channels_last tensors: views of ``batch``'s memory, no copy."""
+    n, _, s = batch.shape[:3]
+    views = batch.reshape(VIEWS, n, s, s, 3).permute(0, 1, 4, 2, 3)
+    return views[0], views[1]
+
+
+__all__ = ["TwoCropDecoder", "split_views"]

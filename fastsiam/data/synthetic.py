@@ -1,0 +1,122 @@
+"""Synthetic batches made on the device: the loader that costs (almost) nothing.
+
+For training-step benchmarks, which must measure the step and not the input pipeline: each
+batch is drawn with ``torch.randint`` directly on the training device, in the contract's
+layout (uint8, channels_last), so no host work or copy is involved. Epochs, sharding and
+resume go through the same :class:`~fastsiam.data.sampler.EpochSampler` as the real loaders;
+a batch's pixels are a function of (seed, epoch, rank, batch) and a sample's label of its
+index, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.crops import derive_seed, sample_keys
+from fastsiam.data.loader import Loader
+from fastsiam.data.sampler import EpochSampler
+
+IMAGENET_TRAIN_SIZE = 1_281_167
+
+
+class SyntheticLoader(Loader):
+    """Random uint8 views ``[B, 3, S, S]`` (channels_last) and labels, generated on ``device``.
+
+    Args:
+        sampler: epoch order and this rank's share (only the indices' count and labels matter).
+        image_size: side ``S`` of the views.
+        num_classes: labels are drawn in ``[0, num_classes)``.
+        two_views: ``TwoViewBatch`` (train) or ``EvalBatch`` (val).
+        device: where the batches are generated.
+    """
+
+    def __init__(
+        self,
+        sampler: EpochSampler,
+        *,
+        image_size: int,
+        num_classes: int,
+        two_views: bool,
+        device: torch.device,
+    ):
+        super().__init__(sampler)
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.two_views = two_views
+        self.device = device
+        self._generator = torch.Generator(device=device)
+
+    def _views(self, count: int, batch_size: int) -> list[torch.Tensor]:
+        s = self.image_size
+        # Drawn as NHWC and permuted: the result is channels_last without a copy.
+        shape = (count * batch_size, s, s, 3)
+        pixels = torch.randint(
+            0, 256, shape, dtype=torch.uint8, device=self.device, generator=self._generator
+        )
+        return list(pixels.permute(0, 3, 1, 2).split(batch_size))
+
+    def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
+        s = self.sampler
+        for b, indices in enumerate(s, start=s.start_batch):
+            self._generator.manual_seed(derive_seed(s.seed, s.epoch, s.rank, b))
+            # The label of a sample is fixed (a hash of its index), like a real dataset's.
+            keys = sample_keys(s.seed, 0, indices, 0)
+            label = torch.from_numpy((keys % np.uint64(self.num_classes)).astype(np.int64))
+            label = label.to(self.device, non_blocking=True)
+            if self.two_views:
+                v1, v2 = self._views(2, len(indices))
+                yield TwoViewBatch(v1, v2, label)
+            else:
+                (v,) = self._views(1, len(indices))
+                yield EvalBatch(v, label)
+
+
+def build(
+    path: str | Path,
+    *,
+    batch_size: int,
+    image_size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    workers: int,
+    device: torch.device,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    num_samples: int = IMAGENET_TRAIN_SIZE,
+    num_classes: int = 1000,
+) -> SyntheticLoader:
+    """Build the synthetic loader (``path``, ``scale``, ``ratio`` and ``workers`` are unused).
+
+    Options:
+        num_samples: the epoch's length (ImageNet-1k train by default).
+        num_classes: the label range.
+    """
+    if num_samples < 1 or num_classes < 1:
+        raise ValueError(
+            f"synthetic loader: num_samples and num_classes must be >= 1, got "
+            f"{num_samples} and {num_classes}"
+        )
+    train = split == "train"
+    sampler = EpochSampler(
+        num_samples,
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    return SyntheticLoader(
+        sampler, image_size=image_size, num_classes=num_classes, two_views=train, device=device
+    )
+
+
+__all__ = ["SyntheticLoader", "build"]
