@@ -1,0 +1,375 @@
+"""The DALI backend: two views per image from the converter's tar shards, decoded by DALI.
+
+NVIDIA DALI runs decoding and resizing in its own C++ thread pool (``device="cpu"``) or, with
+a GPU, decodes with nvJPEG and the hardware JPEG decoder (``device="mixed"``) and crops on the
+GPU, so the host only reads bytes. Each image is decoded once and resized into two views
+(option ``decode="once"``), or decoded twice with a region of interest (``"twice"``:
+``decoders.image_slice`` / ``decoders.image_random_crop``, which skip the parts of the JPEG
+outside each crop). Flips and colour work are left to the device augmentation, like every
+uint8 backend.
+
+Readers (backend option ``reader``):
+
+- ``index`` (default): fastsiam's :class:`~fastsiam.data.sampler.EpochSampler` order (a full
+  permutation per epoch, rank ``r`` of ``w`` taking every ``w``-th sample) and the crops of
+  :mod:`fastsiam.data.crops`, fed through ``fn.external_source``; bytes are read with one
+  ``pread`` per sample through the index files (:class:`~fastsiam.data.shards.ShardReader`).
+  Same samples and crop boxes as the ffcv and nvjpeg backends; resumes mid-epoch exactly.
+- ``webdataset``: DALI's own ``fn.readers.webdataset`` over the tars and index files, sharded
+  with ``shard_id``/``num_shards`` (rotated every epoch, as DALI does without
+  ``stick_to_shard``), a shuffling buffer of ``initial_fill`` samples and ``pad_last_batch``
+  (a rank's shard is padded by repeating its last sample), crops drawn by DALI's
+  ``random_resized_crop``. The buffer shuffles only locally: on shards written in class order
+  (data_prep/to_dali.py's sorted order) a batch holds few classes unless ``initial_fill`` is
+  large. A pipeline is built per epoch with the seed (seed, epoch, rank), so an epoch is
+  reproducible; a mid-epoch resume replays the epoch's consumed batches (exact, costs their
+  decode time).
+
+Batches arrive as uint8 channels_last ``[B, 3, S, S]`` torch tensors on the pipeline's device:
+DALI's NHWC output is copied once into a torch tensor (device to device with a GPU), whose
+NCHW permutation is channels_last without another copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+import torch
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_boxes, sample_keys
+from fastsiam.data.jpeg import jpeg_size
+from fastsiam.data.loader import Loader
+from fastsiam.data.sampler import EpochSampler
+from fastsiam.data.shards import ShardFormatError, ShardReader
+
+READERS = ("index", "webdataset")
+DECODES = ("once", "twice")
+LABEL_DIGITS = 8  # the .cls member holds the label as decimal text; padded to this width
+
+
+def _center_roi(jpegs, image_size: int):
+    """The eval box of :func:`fastsiam.data.crops.center_crop_boxes`, computed in the graph
+    from the JPEG headers: ROI corners (y0, x0), (y1, x1) as float DataNodes."""
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.INT64)
+    h, w = shape[0], shape[1]
+    short = fn.cast(dmath.min(h, w), dtype=types.FLOAT64)
+    side = fn.cast(dmath.floor(short * eval_crop_fraction(image_size)), dtype=types.INT64)
+    side = dmath.max(side, 1)
+    top, left = (h - side) // 2, (w - side) // 2
+    start = fn.cast(fn.stack(top, left), dtype=types.FLOAT)
+    end = fn.cast(fn.stack(top + side, left + side), dtype=types.FLOAT)
+    return start, end
+
+
+class DALITwoViewLoader(Loader):
+    """Runs one DALI pipeline per epoch and hands its outputs over as torch tensors.
+
+    Args:
+        shards: the shard folder's reader (manifest, index, bytes).
+        sampler: epoch, rank share, resume point.
+        train: two random views (True) or one center view (False).
+        image_size, scale, ratio: the crops.
+        reader, decode: see the module docstring.
+        workers: DALI CPU threads.
+        device: CPU (DALI CPU operators) or a CUDA device (mixed decode, GPU operators).
+        initial_fill: shuffling buffer of the ``webdataset`` reader.
+        hw_decoder_load: share of the JPEGs sent to the hardware decoder (mixed decode).
+        prefetch: batches DALI prepares ahead.
+    """
+
+    def __init__(
+        self,
+        shards: ShardReader,
+        sampler: EpochSampler,
+        *,
+        train: bool,
+        image_size: int,
+        scale: Sequence[float],
+        ratio: Sequence[float],
+        reader: str,
+        decode: str,
+        workers: int,
+        device: torch.device,
+        initial_fill: int,
+        hw_decoder_load: float,
+        prefetch: int,
+    ):
+        super().__init__(sampler)
+        self.shards = shards
+        self.train = train
+        self.image_size = image_size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.reader = reader
+        self.decode = decode
+        self.workers = max(workers, 1)
+        self.device = device
+        self.initial_fill = initial_fill
+        self.hw_decoder_load = hw_decoder_load
+        self.prefetch = prefetch
+        self.classes = list(shards.classes)
+        self.num_classes = len(self.classes)
+
+    # ------------------------------------------------------------------ graph
+
+    def _decoder_args(self) -> dict:
+        args = {
+            "device": "mixed" if self.device.type == "cuda" else "cpu",
+            "output_type": types.RGB,
+            "adjust_orientation": False,
+        }
+        if self.device.type == "cuda":
+            args["hw_decoder_load"] = self.hw_decoder_load
+        return args
+
+    def _pipeline(self) -> Pipeline:
+        s = self.sampler
+        device_id = None  # DALI's CPU-only mode
+        if self.device.type == "cuda":
+            device_id = self.device.index
+            if device_id is None:
+                device_id = torch.cuda.current_device()
+        pipe = Pipeline(
+            batch_size=s.batch_size,
+            num_threads=self.workers,
+            device_id=device_id,
+            seed=derive_seed(s.seed, s.epoch, s.rank) & 0x7FFFFFFF,
+            prefetch_queue_depth=self.prefetch,
+        )
+        size = (self.image_size, self.image_size)
+        dec = self._decoder_args()
+        with pipe:
+            if self.reader == "index":
+                # Per sample: the JPEG, its label and (train) each view's ROI as (y0, x0), (y1, x1).
+                rois = 4 if self.train else 0
+                jpegs, label, *roi = fn.external_source(
+                    source=self._index_source(),
+                    num_outputs=2 + rois,
+                    batch=True,
+                    dtype=[types.UINT8, types.INT64, *[types.INT32] * rois],
+                )
+            else:
+                jpegs, cls = fn.readers.webdataset(
+                    paths=self.shards.manifest.tar_paths(self.shards.root),
+                    index_paths=self.shards.manifest.index_paths(self.shards.root),
+                    ext=["jpg", "cls"],
+                    shard_id=(s.rank + s.epoch) % s.world_size if self.train else s.rank,
+                    num_shards=s.world_size,
+                    random_shuffle=self.train,
+                    initial_fill=self.initial_fill,
+                    pad_last_batch=True,
+                    name="reader",
+                )
+                label = fn.pad(cls, fill_value=0, shape=(LABEL_DIGITS,), axes=(0,))
+            if not self.train:
+                start, end = _center_roi(jpegs, self.image_size)
+                image = fn.decoders.image(jpegs, **dec)
+                view = fn.resize(image, size=size, roi_start=start, roi_end=end, antialias=True)
+                pipe.set_outputs(view, label)
+                return pipe
+            if self.reader == "index":
+                corners = [(roi[0], roi[1]), (roi[2], roi[3])]
+                if self.decode == "once":
+                    image = fn.decoders.image(jpegs, **dec)
+                    views = [
+                        fn.resize(
+                            image,
+                            size=size,
+                            roi_start=fn.cast(a, dtype=types.FLOAT),
+                            roi_end=fn.cast(b, dtype=types.FLOAT),
+                            antialias=True,
+                        )
+                        for a, b in corners
+                    ]
+                else:
+                    views = [
+                        fn.resize(
+                            fn.decoders.image_slice(jpegs, start=a, end=b, axis_names="HW", **dec),
+                            size=size,
+                            antialias=True,
+                        )
+                        for a, b in corners
+                    ]
+            elif self.decode == "once":
+                image = fn.decoders.image(jpegs, **dec)
+                views = [
+                    fn.random_resized_crop(
+                        image,
+                        size=size,
+                        random_area=self.scale,
+                        random_aspect_ratio=self.ratio,
+                        antialias=True,
+                    )
+                    for _ in range(2)
+                ]
+            else:
+                views = [
+                    fn.resize(
+                        fn.decoders.image_random_crop(
+                            jpegs, random_area=self.scale, random_aspect_ratio=self.ratio, **dec
+                        ),
+                        size=size,
+                        antialias=True,
+                    )
+                    for _ in range(2)
+                ]
+            pipe.set_outputs(*views, label)
+        return pipe
+
+    def _index_source(self) -> Iterator[list]:
+        """The epoch's batches for ``fn.external_source``: JPEG bytes, labels, two views' ROIs."""
+        s = self.sampler
+        epoch = s.epoch
+        for indices in s:
+            idx = np.asarray(indices, dtype=np.int64)
+            data = [
+                np.frombuffer(self.shards.read_component(i, "jpg"), dtype=np.uint8) for i in indices
+            ]
+            labels = self.shards.labels[idx]
+            if not self.train:
+                yield [data, labels]
+                continue
+            hw = np.array(
+                [jpeg_size(d, f"{self.shards.root} sample {i}") for d, i in zip(data, indices)]
+            )
+            rois = []
+            for v in (0, 1):
+                box = random_crop_boxes(
+                    sample_keys(s.seed, epoch, idx, v), hw[:, 0], hw[:, 1], self.scale, self.ratio
+                ).astype(np.int32)
+                rois += [np.ascontiguousarray(box[:, :2]), box[:, :2] + box[:, 2:]]
+            yield [data, labels, *rois]
+
+    # ------------------------------------------------------------------ iteration
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        # One copy from DALI's buffer (recycled on the next run) into a torch tensor that the
+        # consumer owns; NHWC memory permuted to NCHW is channels_last.
+        dense = tensor_list.as_tensor()
+        out = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, out, cuda_stream=stream)
+        return out.permute(0, 3, 1, 2)
+
+    def _labels(self, tensor_list) -> torch.Tensor:
+        array = tensor_list.as_array()
+        if self.reader == "webdataset":  # decimal text, zero-padded on the right
+            digits = array.astype(np.int64)
+            value = np.zeros(len(digits), np.int64)
+            for col in digits.T:
+                present = col != 0
+                value = np.where(present, value * 10 + (col - ord("0")), value)
+            array = value
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(
+            self.device, non_blocking=True
+        )
+
+    def _samples_on_rank(self) -> int:
+        # The sampler's count for this rank (drop_last cut, or padded to the largest shard).
+        s = self.sampler
+        w = s.world_size
+        return len(s) * s.batch_size if s.drop_last else -(-s.num_samples // w)
+
+    def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
+        s = self.sampler
+        pipe = self._pipeline()
+        pipe.build()
+        try:
+            if self.reader == "webdataset":
+                for _ in range(s.start_batch):  # replay to the resume point (see module docstring)
+                    pipe.run()
+            remaining = self._samples_on_rank() - s.start_batch * s.batch_size
+            for _ in range(s.start_batch, len(s)):
+                outputs = pipe.run()
+                n = min(s.batch_size, remaining)
+                remaining -= n
+                tensors = [self._to_torch(o)[:n] for o in outputs[:-1]]
+                label = self._labels(outputs[-1])[:n]
+                yield TwoViewBatch(*tensors, label) if self.train else EvalBatch(*tensors, label)
+        finally:
+            del pipe
+
+
+def build(
+    path: str | Path,
+    *,
+    batch_size: int,
+    image_size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    workers: int,
+    device: torch.device,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    reader: str = "index",
+    decode: str = "once",
+    initial_fill: int = 1024,
+    hw_decoder_load: float = 0.65,
+    prefetch: int = 2,
+) -> DALITwoViewLoader:
+    """Build the DALI loader over a shard folder written by ``data_prep/to_dali.py``.
+
+    Options:
+        reader: ``index`` or ``webdataset`` (see the module docstring).
+        decode: ``once`` (decode, then two ROI resizes) or ``twice`` (two ROI decodes).
+        initial_fill: the ``webdataset`` reader's shuffling buffer, in samples.
+        hw_decoder_load: share of JPEGs for the hardware decoder (mixed decode on A100/H100).
+        prefetch: DALI's prefetch queue depth, in batches.
+    """
+    path = Path(path)
+    if reader not in READERS:
+        raise ValueError(
+            f"dali loader: option reader must be one of {', '.join(READERS)}, got {reader!r}"
+        )
+    if decode not in DECODES:
+        raise ValueError(
+            f"dali loader: option decode must be one of {', '.join(DECODES)}, got {decode!r}"
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"dali loader: {path} is not a directory; expected a shard folder written by "
+            "data_prep/to_dali.py (a .beton file is read by the ffcv backend)"
+        )
+    try:
+        shards = ShardReader(path)
+    except ShardFormatError as e:
+        raise ValueError(f"dali loader: {e}") from None
+    train = split == "train"
+    sampler = EpochSampler(
+        len(shards),
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    return DALITwoViewLoader(
+        shards,
+        sampler,
+        train=train,
+        image_size=image_size,
+        scale=scale,
+        ratio=ratio,
+        reader=reader,
+        decode=decode,
+        workers=workers,
+        device=device,
+        initial_fill=initial_fill,
+        hw_decoder_load=hw_decoder_load,
+        prefetch=prefetch,
+    )
+
+
+__all__ = ["DALITwoViewLoader", "build"]

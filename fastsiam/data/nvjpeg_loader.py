@@ -1,0 +1,334 @@
+"""The torch-only backend: the converter's shards, decoded by torchvision (nvJPEG on a GPU).
+
+For machines with neither FFCV nor DALI. Samples are read through the shard index files with
+one ``pread`` each (:class:`~fastsiam.data.shards.ShardReader`, no tar scan), decoded once by
+``torchvision.io.decode_jpeg`` (batched nvJPEG with ``device="cuda"``, libjpeg-turbo on CPU
+threads otherwise) and cut into two resized crops on the device by batched matrix products
+(:mod:`fastsiam.data.resample`), or, on the CPU, by torchvision's vectorized uint8
+``resized_crop`` per image on the decoding threads (option ``resize``). Flips and colour work
+are left to the device augmentation.
+
+Three stages overlap, each in its own thread: reading batch ``k + 2`` (a thread pool of
+``readers`` preads), decoding and cropping batch ``k + 1`` (on a side CUDA stream, or a pool
+of ``workers`` CPU threads), and the consumer using batch ``k``. torch and torchvision release
+the GIL inside their kernels and decoders, so the threads run in parallel.
+
+Order, crops and resume: the shared :class:`~fastsiam.data.sampler.EpochSampler` (a full
+permutation per epoch; rank ``r`` of ``w`` takes every ``w``-th sample) and the crop boxes of
+:mod:`fastsiam.data.crops`, both functions of (seed, epoch, sample), so a mid-epoch resume is
+exact and the boxes equal those of the ffcv backend and the DALI ``index`` reader.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import resized_crop
+
+from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_keys
+from fastsiam.data.loader import Loader
+from fastsiam.data.resample import crop_resize
+from fastsiam.data.sampler import EpochSampler
+from fastsiam.data.shards import ShardFormatError, ShardReader
+
+# torchvision 0.29 deprecates its image codecs in favour of torchcodec (on every call); they
+# are what this backend is for and what the GPU machines' torchvision provides.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
+RESIZES = ("batched", "per_image")
+_DONE = object()  # end-of-epoch marker in the stage queues
+
+
+class NVJPEGLoader(Loader):
+    """Reads, decodes and crops on threads; yields batches on ``device``.
+
+    Args:
+        shards: the shard folder's reader.
+        sampler: epoch, rank share, resume point.
+        train: two random views (True) or one center view (False).
+        image_size, scale, ratio: the crops.
+        workers: CPU decoding threads (CPU device).
+        readers: threads issuing the preads of a batch.
+        device: where decoding (CUDA: nvJPEG) and cropping happen and batches are delivered.
+        prefetch: finished batches held ahead of the consumer.
+        resize: ``batched`` (the batched matrix-product resize, any device) or ``per_image``
+            (torchvision's uint8 ``resized_crop`` per image on the decoding threads; CPU only).
+    """
+
+    def __init__(
+        self,
+        shards: ShardReader,
+        sampler: EpochSampler,
+        *,
+        train: bool,
+        image_size: int,
+        scale: Sequence[float],
+        ratio: Sequence[float],
+        workers: int,
+        readers: int,
+        device: torch.device,
+        prefetch: int,
+        resize: str,
+    ):
+        super().__init__(sampler)
+        self.shards = shards
+        self.train = train
+        self.image_size = image_size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.workers = max(workers, 1)
+        self.readers = max(readers, 1)
+        self.device = device
+        self.prefetch = max(prefetch, 1)
+        if resize == "per_image" and device.type != "cpu":
+            raise ValueError(
+                f"nvjpeg loader: resize='per_image' is the CPU path; device is {device}"
+            )
+        self.resize = resize
+        self.classes = list(shards.classes)
+        self.num_classes = len(self.classes)
+
+    # ------------------------------------------------------------------ stages
+
+    def _read(self, indices: list[int], pool: ThreadPoolExecutor) -> list[torch.Tensor]:
+        # bytearray: torch wants writable memory to wrap without a warning.
+        blobs = pool.map(lambda i: bytearray(self.shards.read_component(i, "jpg")), indices)
+        return [torch.frombuffer(b, dtype=torch.uint8) for b in blobs]
+
+    def _decode(self, data: list[torch.Tensor], pool: ThreadPoolExecutor) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        chunks = np.array_split(np.arange(len(data)), min(self.workers, len(data)))
+        parts = pool.map(
+            lambda c: [decode_jpeg(data[i], mode=ImageReadMode.RGB) for i in c], chunks
+        )
+        return [im for part in parts for im in part]
+
+    def _boxes(
+        self, epoch: int, idx: np.ndarray, heights: np.ndarray, widths: np.ndarray
+    ) -> np.ndarray:
+        """Crop boxes ``[views * n, 4]``, view-major (all first views, then all second views)."""
+        if not self.train:
+            return center_crop_boxes(heights, widths, self.image_size)
+        return np.concatenate(
+            [
+                random_crop_boxes(
+                    sample_keys(self.sampler.seed, epoch, idx, v),
+                    heights,
+                    widths,
+                    self.scale,
+                    self.ratio,
+                )
+                for v in (0, 1)
+            ]
+        )
+
+    def _decode_crop(
+        self,
+        epoch: int,
+        idx: np.ndarray,
+        positions: np.ndarray,
+        data: list[torch.Tensor],
+        out: torch.Tensor,
+    ) -> None:
+        # The per-image CPU path: decode and crop a chunk of the batch on one thread.
+        images = [decode_jpeg(data[p], mode=ImageReadMode.RGB) for p in positions]
+        heights = np.array([im.shape[1] for im in images])
+        widths = np.array([im.shape[2] for im in images])
+        views = 2 if self.train else 1
+        boxes = self._boxes(epoch, idx[positions], heights, widths).reshape(
+            views, len(positions), 4
+        )
+        n, s = len(idx), self.image_size
+        for v in range(views):
+            for j, p in enumerate(positions):
+                top, left, h, w = (int(x) for x in boxes[v, j])
+                crop = resized_crop(images[j], top, left, h, w, [s, s], antialias=True)
+                out[v * n + p].copy_(crop.permute(1, 2, 0))
+
+    def _make_batch(
+        self, epoch: int, indices: list[int], data: list[torch.Tensor], pool: ThreadPoolExecutor
+    ) -> TwoViewBatch | EvalBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        n, s = len(idx), self.image_size
+        views = 2 if self.train else 1
+        label = torch.from_numpy(self.shards.labels[idx]).to(self.device, non_blocking=True)
+        if self.resize == "batched":
+            images = self._decode(data, pool)
+            heights = np.array([im.shape[1] for im in images])
+            widths = np.array([im.shape[2] for im in images])
+            out = crop_resize(
+                images, np.tile(np.arange(n), views), self._boxes(epoch, idx, heights, widths), s
+            )
+        else:
+            out = torch.empty((views * n, s, s, 3), dtype=torch.uint8)
+            chunks = np.array_split(np.arange(n), min(self.workers, n))
+            list(pool.map(lambda c: self._decode_crop(epoch, idx, c, data, out), chunks))
+        # [views * n, S, S, 3] view-major: each view is one NHWC block, i.e. channels_last NCHW.
+        nchw = out.permute(0, 3, 1, 2)
+        return TwoViewBatch(*nchw.split(n), label) if self.train else EvalBatch(nchw, label)
+
+    # ------------------------------------------------------------------ threads
+
+    def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
+        s = self.sampler
+        epoch, batches = s.epoch, list(s)
+        stop = threading.Event()
+        read_q: queue.Queue = queue.Queue(maxsize=2)
+        out_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        read_pool = ThreadPoolExecutor(self.readers, thread_name_prefix="fastsiam-read")
+        decode_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastsiam-decode")
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def put(q: queue.Queue, item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                for indices in batches:
+                    if not put(read_q, (indices, self._read(indices, read_pool))):
+                        return
+                put(read_q, _DONE)
+            except BaseException as e:  # handed to the consumer, raised there
+                put(read_q, e)
+
+        def decoder() -> None:
+            try:
+                while True:
+                    item = read_q.get()
+                    if item is _DONE or isinstance(item, BaseException):
+                        put(out_q, item)
+                        return
+                    indices, data = item
+                    if stream is None:
+                        put(out_q, (self._make_batch(epoch, indices, data, decode_pool), None))
+                        continue
+                    with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                        batch = self._make_batch(epoch, indices, data, decode_pool)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                    if not put(out_q, (batch, ready)):
+                        return
+            except BaseException as e:
+                put(out_q, e)
+
+        threads = [
+            threading.Thread(target=f, daemon=True, name=f"fastsiam-nvjpeg-{f.__name__}")
+            for f in (reader, decoder)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                item = out_q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch, ready = item
+                if ready is not None:
+                    # The consumer's stream waits for the side stream, and the caching allocator
+                    # must not hand the batch's memory back to the side stream while in use.
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    for t in batch:
+                        t.record_stream(current)
+                yield batch
+        finally:
+            stop.set()
+            for q in (read_q, out_q):  # unblock a stage waiting on a full queue
+                while not q.empty():
+                    q.get_nowait()
+            for t in threads:
+                t.join(timeout=10)
+            read_pool.shutdown(wait=False)
+            decode_pool.shutdown(wait=False)
+
+
+def build(
+    path: str | Path,
+    *,
+    batch_size: int,
+    image_size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    workers: int,
+    device: torch.device,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+    drop_last: bool,
+    readers: int = 4,
+    prefetch: int = 2,
+    resize: str | None = None,
+) -> NVJPEGLoader:
+    """Build the torchvision/nvJPEG loader over a shard folder written by ``data_prep/to_dali.py``.
+
+    Options:
+        readers: threads reading a batch's bytes (more for network file systems).
+        prefetch: finished batches held ahead of the consumer.
+        resize: ``batched`` or ``per_image``; default: ``batched`` on a GPU, ``per_image`` on
+            the CPU (where dense matrix products cost more than torch's vectorized uint8 resize).
+    """
+    path = Path(path)
+    if resize is None:
+        resize = "batched" if device.type == "cuda" else "per_image"
+    if resize not in RESIZES:
+        raise ValueError(
+            f"nvjpeg loader: option resize must be one of {', '.join(RESIZES)}, got {resize!r}"
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"nvjpeg loader: {path} is not a directory; expected a shard folder written by "
+            "data_prep/to_dali.py (a .beton file is read by the ffcv backend)"
+        )
+    try:
+        shards = ShardReader(path)
+    except ShardFormatError as e:
+        raise ValueError(f"nvjpeg loader: {e}") from None
+    train = split == "train"
+    sampler = EpochSampler(
+        len(shards),
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    return NVJPEGLoader(
+        shards,
+        sampler,
+        train=train,
+        image_size=image_size,
+        scale=scale,
+        ratio=ratio,
+        workers=workers,
+        readers=readers,
+        device=device,
+        prefetch=prefetch,
+        resize=resize,
+    )
+
+
+__all__ = ["NVJPEGLoader", "build"]
