@@ -7,7 +7,10 @@ writing, manifest):
 
 - ``decode wN``: read + full PIL decode of every file, nothing written (the yardstick);
 - ``to_dali wN``: ``data_prep/to_dali.py`` without re-encoding (original JPEG bytes kept);
-- ``to_ffcv wN``: ``data_prep/to_ffcv.py`` with its defaults (500 px, 50% JPEG at q90).
+- ``to_ffcv wN``: ``data_prep/to_ffcv.py`` with its defaults (500 px, 50% JPEG at q90);
+- ``ffcv_stock wN``: for reference, ffcv-imagenet's way: ffcv's DatasetWriter with N worker
+  processes on PIL-decoded images, same field settings (no check pass, no bad-file handling,
+  page layout and ``proportion`` choices differ from run to run).
 
 Goals: ``to_dali`` >= 0.8x ``decode`` at the same worker count; each converter >= 1.7x from
 1 to 2 workers on a 2-core machine. Variants run round-robin (one conversion each per round)
@@ -42,6 +45,23 @@ from fastsiam.benchmark import BenchmarkReport, Measurement, measure
 def decode_only(path: str) -> int:
     """The yardstick's unit of work: read and fully decode one file."""
     return decode_image(read_file(path)).width
+
+
+class _PilImages:
+    """What ffcv-imagenet feeds ffcv's DatasetWriter: (RGB array, label) via PIL."""
+
+    def __init__(self, items: list[Any]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.items[i].path) as im:
+            return np.asarray(im.convert("RGB")), self.items[i].label
 
 
 def _cpu_seconds() -> float:
@@ -111,8 +131,22 @@ def main(argv: list[str] | None = None) -> int:
             _quietly(to_ffcv.main, ["--src", str(src), "--out", str(tmp / "train.beton"), *limit,
                                     "--workers", str(w), "--overwrite", "--quiet"])
 
+        items = list_image_folder(src, limit=args.limit).items
+
+        def run_ffcv_stock(w: int) -> None:
+            from ffcv.fields import IntField, RGBImageField
+            from ffcv.writer import DatasetWriter
+
+            field = RGBImageField(write_mode="proportion", max_resolution=500, jpeg_quality=90,
+                                  compress_probability=0.5)
+            writer = DatasetWriter(str(tmp / "stock.beton"), {"image": field, "label": IntField()},
+                                   num_workers=w)
+            with contextlib.redirect_stderr(io.StringIO()):
+                writer.from_indexed_dataset(_PilImages(items), chunksize=100)
+
         variants = [(f"{name} w{w}", name, w, fn) for name, fn in
-                    (("decode", run_decode), ("to_dali", run_dali), ("to_ffcv", run_ffcv))
+                    (("decode", run_decode), ("to_dali", run_dali), ("to_ffcv", run_ffcv),
+                     ("ffcv_stock", run_ffcv_stock))
                     for w in args.workers]
         # Round-robin over variants, one timed conversion each per round, so that load from
         # other jobs hits every variant alike; ratios are taken within a round.

@@ -19,6 +19,8 @@ group names, mode 0644) and no timestamps anywhere.
 API::
 
     read_manifest(dir) -> Manifest              write_manifest(dir, manifest)
+    Manifest.tar_paths(dir), .index_paths(dir)  absolute paths for fn.readers.webdataset
+    Manifest.labels, .classes, .num_samples     labels of every sample without reading the tars
     read_index(path) -> [(key, {ext: (offset, size)})]
     write_index(path, samples)                  format_index(samples) -> str
     ShardWriter(tar_path, index_path)           .add(key, {ext: bytes}); .close() -> ShardEntry
