@@ -1,4 +1,4 @@
-"""The ``fastsiam`` command line: train, knn, linear, test, info, predict, plot.
+"""The ``fastsiam`` command line: train, knn, linear, test, info, predict, export, plot.
 
 Every subcommand that takes ``--config`` also takes dotted ``section.key=value`` overrides
 and ``--print-config``. Errors a user can fix (a bad config key, a missing file, a wrong data
@@ -134,7 +134,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fastsiam.api import inference_model
 
     res = inference_model(args.model, args.image, pretrained=args.pretrained, device=args.device or "auto")
-    print(f"{args.image}: {res['pred_class']} (label {res['pred_label']}, score {res['pred_score']:.4f})")
+    if "features" in res:  # a pretraining (not linear) model: pooled backbone features
+        f = res["features"]
+        print(f"{args.image}: features of shape {tuple(f.shape)} (norm {float((f ** 2).sum()) ** 0.5:.4f}); "
+              "pass a linear model to classify")
+    else:
+        print(f"{args.image}: {res['pred_class']} (label {res['pred_label']}, score {res['pred_score']:.4f})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastsiam.weights import export_torchvision
+
+    out = export_torchvision(args.checkpoint, args.out)
+    print(f"wrote a torchvision ResNet state dict to {out} "
+          "(torchvision.models.resnet50().load_state_dict(torch.load(path)); strict=False without fc)")
     return 0
 
 
@@ -190,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="weights for a model name or config")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a checkpoint's backbone as a torchvision ResNet state dict")
+    p.add_argument("checkpoint", help="fastsiam, official SimSiam, mmpretrain or linear checkpoint")
+    p.add_argument("out", help="output .pt file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG plots of a run's metrics")
     p.add_argument("work_dir")
