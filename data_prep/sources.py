@@ -504,19 +504,20 @@ def start_method() -> str:
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int,
-                 chunksize: int = 16, window: int | None = None) -> Iterator[Any]:
+                 chunksize: int = 16, window: int | None = None,
+                 inline: bool = True) -> Iterator[Any]:
     """``map(fn, items)`` over ``workers`` processes, results in input order.
 
     The worker processes start right away (create the map before a progress bar, whose
     monitor thread would rule out ``fork``; see :func:`start_method`). At most ``window``
     chunks (default ``4 * workers``) are in flight, so memory stays bounded when the consumer
     (a writer) is slower than the workers; results never depend on timing. ``workers == 1``
-    runs in this process. ``fn`` must be picklable (a module-level function or a
+    runs in this process unless ``inline`` is False. ``fn`` must be picklable (a module-level function or a
     ``functools.partial`` of one).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1:
+    if workers == 1 and inline:
         return (fn(x) for x in items)
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method()))
     executor.submit(os.getpid).result()  # launches every worker now
