@@ -33,24 +33,11 @@ def folder_images(folder: Path) -> tuple[list[torch.Tensor], list[int]]:
 
 
 def write_beton(folder: Path, out: Path) -> Path:
-    """An all-JPEG .beton of an ImageFolder, written by FFCV's own DatasetWriter."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    from torchvision.datasets import ImageFolder
+    """An all-JPEG .beton of an ImageFolder (256 px), by data_prep/to_ffcv.py."""
+    from data_prep.sources import list_image_folder
+    from data_prep.to_ffcv import convert
 
-    class RGBFolder:
-        def __init__(self) -> None:
-            self.ds = ImageFolder(str(folder))
-
-        def __len__(self) -> int:
-            return len(self.ds)
-
-        def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-            image, label = self.ds[i]
-            return np.asarray(image.convert("RGB")), label
-
-    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=256), "label": IntField()}
-    DatasetWriter(str(out), fields, num_workers=1).from_indexed_dataset(RGBFolder())
+    convert(list_image_folder(folder), out, write_mode="jpg", max_resolution=256, quiet=True)
     return out
 
 

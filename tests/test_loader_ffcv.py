@@ -55,7 +55,7 @@ def train_loader(betons):
     return ffcv(betons["train"])
 
 
-def test_contract_crops_and_labels(train_loader, sources):
+def test_contract_crops_and_labels(train_loader, sources, toy_imagenet):
     images, labels = sources["train"]
     loader = train_loader
     loader.set_epoch(3)
@@ -63,6 +63,7 @@ def test_contract_crops_and_labels(train_loader, sources):
     batches = list(loader)
     assert len(batches) == len(loader) == len(images) // B
     assert loader.num_classes == 4
+    assert loader.classes == sorted(p.name for p in (toy_imagenet / "train").iterdir())
     right, wrong = [], []
     for b, batch in enumerate(batches):
         check_contract(batch, B)
@@ -91,12 +92,12 @@ def test_epochs_differ_and_repeat(train_loader, betons):
     assert not torch.equal(first[0], second[0])
 
 
-def test_threads_do_not_change_the_batches(train_loader, betons):
+def test_threads_and_copies_do_not_change_the_batches(train_loader, betons):
     train_loader.set_epoch(2)
     one = epoch_tensors(train_loader)
-    two = ffcv(betons["train"], workers=2)
+    two = ffcv(betons["train"], workers=2, copy=False)
     two.set_epoch(2)
-    assert_same(one, epoch_tensors(two))
+    assert_same(one, epoch_tensors(two))  # each batch cloned as soon as it arrives
 
 
 def test_mid_epoch_resume(train_loader, betons):

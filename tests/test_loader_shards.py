@@ -200,3 +200,26 @@ def test_errors(backend, shards, tmp_path):
 def test_nvjpeg_per_image_resize_is_cpu_only(shards):
     with pytest.raises(ValueError, match="per_image' is the CPU path"):
         load("nvjpeg", shards["train"], resize="per_image", device="cuda")
+
+
+@pytest.mark.cuda
+def test_nvjpeg_on_the_gpu_matches_the_cpu(shards, sources):
+    """nvJPEG decode + batched resize on the GPU: the same samples and boxes as on the CPU
+    (nvJPEG's IDCT and the float16 products differ from libjpeg-turbo by a level or so)."""
+    images, labels = sources["train"]
+    gpu = load("nvjpeg", shards["train"], device="cuda")
+    gpu.set_epoch(1)
+    order = gpu.sampler.rank_indices().tolist()
+    batches = list(gpu)
+    for b, batch in enumerate(batches):
+        assert batch.view1.device.type == "cuda" and batch.label.device.type == "cuda"
+        assert batch.view1.is_contiguous(memory_format=torch.channels_last)
+        cpu_batch = type(batch)(*(t.cpu() for t in batch))
+        indices = order[b * B : (b + 1) * B]
+        assert cpu_batch.label.tolist() == [labels[i] for i in indices]
+        right, wrong = view_errors(cpu_batch, indices, images, SEED, 1)
+        assert max(right) < 3 and min(wrong) > 15
+    val = load("nvjpeg", shards["val"], device="cuda", split="val", batch_size=6, drop_last=False)
+    view = torch.cat([b.view.cpu() for b in val])
+    errors = [mean_abs(v, reference_center(im)) for v, im in zip(view, sources["val"][0])]
+    assert max(errors) < 3

@@ -5,8 +5,8 @@ reads a memory-mapped .beton and runs numba-compiled decoders on threads. Here t
 field goes through :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` (one JPEG decode, two
 RandomResizedCrops), so one pass yields both SimSiam views; flips and colour work happen on
 the device. Batches are moved with FFCV's ``ToDevice(non_blocking=True)`` on FFCV's own CUDA
-streams; each view is already a channels_last block and is copied once on the device, out of
-FFCV's recycled buffers.
+streams; each view is already a channels_last block, copied once out of FFCV's recycled
+buffers (option ``copy``).
 
 Order (backend option ``order``):
 
@@ -47,7 +47,7 @@ from ffcv.types import CURRENT_VERSION, HeaderType
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import eval_crop_fraction
-from fastsiam.data.ffcv_ops import TwoCropDecoder, split_views
+from fastsiam.data.ffcv_ops import TwoCropDecoder, view_blocks
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 
@@ -101,6 +101,7 @@ class FFCVTwoViewLoader(Loader):
         decoder: the train decoder (for its epoch), or None for val.
         device: where batches are delivered.
         num_classes, classes: from the .beton's labels / ``classes.json``.
+        copy: hand out copies (True), or views of FFCV's recycled buffers (False).
     """
 
     def __init__(
@@ -111,8 +112,10 @@ class FFCVTwoViewLoader(Loader):
         device: torch.device,
         num_classes: int,
         classes: list[str] | None,
+        copy: bool = True,
     ):
         super().__init__(sampler)
+        self.copy = copy
         self.ffcv_loader = ffcv_loader
         self.decoder = decoder
         self.device = device
@@ -125,21 +128,25 @@ class FFCVTwoViewLoader(Loader):
         epoch = iter(self.ffcv_loader)
         try:
             for images, labels in _guarded(epoch):
-                # FFCV reuses its output buffers a few batches later, so the consumer gets
-                # copies (plain contiguous ones: the views are channels_last already).
-                label = labels.reshape(-1).clone()
-                if self.decoder is None:
-                    view = images.permute(0, 3, 1, 2)
-                    yield EvalBatch(view.clone(memory_format=torch.channels_last), label)
-                else:
-                    v1, v2 = split_views(images)
-                    yield TwoViewBatch(
-                        v1.clone(memory_format=torch.channels_last),
-                        v2.clone(memory_format=torch.channels_last),
-                        label,
-                    )
+                label = labels.reshape(-1)
+                blocks = [images] if self.decoder is None else list(view_blocks(images))
+                if self.copy:
+                    label = label.clone()
+                    blocks = [_owned(b) for b in blocks]
+                # NHWC blocks permuted to NCHW: channels_last without a copy.
+                views = [b.permute(0, 3, 1, 2) for b in blocks]
+                yield TwoViewBatch(*views, label) if self.decoder else EvalBatch(*views, label)
         finally:
             epoch.close()
+
+
+def _owned(block: torch.Tensor) -> torch.Tensor:
+    """A copy of a contiguous NHWC block. On the CPU through numpy: a plain single-threaded
+    memcpy; torch's copy fans out to its OpenMP threads, which then fight FFCV's numba threads
+    for the cores (measured: half the loader's throughput on 2 cores)."""
+    if block.device.type == "cpu":
+        return torch.from_numpy(block.numpy().copy())
+    return block.clone()
 
 
 def _guarded(epoch: Iterator) -> Iterator:
@@ -189,15 +196,23 @@ def _read_beton(path: Path, image_field: str, label_field: str) -> Reader:
 
 
 def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[str] | None]:
+    """Class count from the labels, names from data_prep/to_ffcv.py's ``<name>.classes.json``."""
     labels = reader.metadata[f"f{list(reader.handlers).index(label_field)}"]
     num_classes = int(labels.max()) + 1 if len(labels) else 0
     names = None
-    mapping = path.parent / "classes.json"  # written beside the output by the converters
-    if mapping.is_file():
-        with open(mapping) as f:
+    sidecar = path.with_name(f"{path.stem}.classes.json")
+    if sidecar.is_file():
+        with open(sidecar) as f:
             data = json.load(f)
-        names = list(data) if isinstance(data, list) else sorted(data, key=data.__getitem__)
-        num_classes = max(num_classes, len(names))
+        names = data.get("classes") if isinstance(data, dict) else data
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f'ffcv loader: {sidecar} must hold {{"classes": [names...]}}')
+        if len(names) < num_classes:
+            raise ValueError(
+                f"ffcv loader: {sidecar} names {len(names)} classes, but {path} has "
+                f"label {num_classes - 1}"
+            )
+        num_classes = len(names)
     return num_classes, names
 
 
@@ -218,6 +233,7 @@ def build(
     order: str = "random",
     os_cache: bool = True,
     batches_ahead: int = 3,
+    copy: bool = True,
     image_field: str = "image",
     label_field: str = "label",
 ) -> FFCVTwoViewLoader:
@@ -228,6 +244,10 @@ def build(
         os_cache: let the OS page cache hold the file (FFCV's default; good when it fits in
             RAM or several processes read it); False reads pages into the process.
         batches_ahead: batches FFCV prepares in advance.
+        copy: FFCV refills its output buffers ``batches_ahead + 2`` batches later; True hands
+            out copies the consumer may keep, False the buffers themselves, as stock FFCV does
+            (saves one memcpy per batch; fine for a consumer that uses each batch before
+            drawing the next few, like the trainer).
         image_field, label_field: the .beton's field names.
     """
     path = Path(path)
@@ -284,7 +304,7 @@ def build(
         loader, sampler, loader.traversal_order if quasi else None
     )
     num_classes, classes = _classes(path, reader, label_field)
-    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes)
+    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, copy)
 
 
 __all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -11,7 +11,7 @@ cheap (FFCV's CPU flip copies every image once more).
 The batch buffer is filled view-major: FFCV allocates ``[B, 2, S, S, 3]`` (its shapes are per
 sample), but the memory holds ``[2, B, S, S, 3]``, so that each view is one contiguous NHWC
 block, i.e. a channels_last ``[B, 3, S, S]`` tensor without a transposing copy. Read it with
-:func:`split_views`.
+:func:`view_blocks`.
 
 Crops come from :mod:`fastsiam.data.crops`, a counter-based generator keyed by
 (seed, epoch, sample, view), so they are reproducible whatever the thread schedule. The
@@ -46,7 +46,7 @@ class TwoCropDecoder(Operation):
     """Decoder for an ``RGBImageField``: two RandomResizedCrops per decoded image.
 
     Output: a uint8 batch buffer of FFCV shape ``[B, 2, S, S, 3]`` holding ``[2, B, S, S, 3]``
-    (view-major, see :func:`split_views`). Works on JPEG and raw samples and on datasets of
+    (view-major, see :func:`view_blocks`). Works on JPEG and raw samples and on datasets of
     varying image sizes (the scratch buffer fits the largest).
 
     Args:
@@ -179,12 +179,13 @@ def _compiled_kernels():
     return scalar_kernels(numba.njit(nogil=True))
 
 
-def split_views(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two views of a :class:`TwoCropDecoder` batch (any device) as ``[B, 3, S, S]``
-    channels_last tensors: views of ``batch``'s memory, no copy."""
+def view_blocks(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of a :class:`TwoCropDecoder` batch (any device) as contiguous NHWC
+    ``[B, S, S, 3]`` blocks (views of ``batch``'s memory; ``.permute(0, 3, 1, 2)`` makes each a
+    channels_last ``[B, 3, S, S]`` tensor without a copy)."""
     n, _, s = batch.shape[:3]
-    views = batch.reshape(VIEWS, n, s, s, 3).permute(0, 1, 4, 2, 3)
+    views = batch.reshape(VIEWS, n, s, s, 3)
     return views[0], views[1]
 
 
-__all__ = ["TwoCropDecoder", "split_views"]
+__all__ = ["TwoCropDecoder", "view_blocks"]
