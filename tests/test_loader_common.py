@@ -240,3 +240,15 @@ def test_synthetic_on_the_gpu():
     batch = next(iter(loader))
     assert batch.view1.device.type == "cuda" and batch.view1.dtype == torch.uint8
     assert batch.view1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_config_built_synthetic_loader_needs_no_path():
+    from fastsiam.config import DataConfig
+    from fastsiam.data import build_loader_from_config
+
+    cfg = DataConfig(
+        backend="synthetic", batch_size=4, image_size=16, workers=0, options={"num_samples": 8}
+    )
+    assert next(iter(build_loader_from_config(cfg))).view1.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"config key 'data\.train_path' is empty"):
+        build_loader_from_config(DataConfig(backend="nvjpeg"))

@@ -1,0 +1,320 @@
+"""Two-view loader throughput: every installed backend on the same images, side by side.
+
+Each variant delivers SimSiam's two views of a batch on the device (uint8 crops, or the PIL
+reference's augmented float views) and is timed in images/s (an image = both its views):
+
+- ``pil_full``: the official SimSiam loader, full augmentation in PIL on worker processes
+  (the baseline of the table);
+- ``pil_crop``: the same loader with RandomResizedCrop only (uint8), apples to apples with
+  the loaders below, whose flip and colour work happen on the device;
+- ``ffcv_stock``: stock FFCV the usual way, two ``RandomResizedCropRGBImageDecoder`` pipelines
+  on the image field (scale 0.2-1) plus ``RandomHorizontalFlip``: each JPEG decoded twice;
+- ``ffcv``: fastsiam's FFCV backend (decode once, crop twice; flip on the device), handing
+  out copies of FFCV's recycled buffers; ``ffcv_views``: the buffers themselves, as stock FFCV
+  does (``copy=False``); both rows carry ``vs_ffcv_stock`` (goal: >= 2);
+- ``dali_once`` / ``dali_twice``: DALI, one decode and two ROI resizes, or two ROI decodes
+  (fastsiam's sampler and crops); ``dali_webdataset``: DALI's own reader and crops;
+- ``nvjpeg``: torchvision's decoder (nvJPEG on a GPU, libjpeg-turbo threads on the CPU);
+- ``synthetic``: random batches made on the device (the no-loader ceiling).
+
+All read the same samples: a toy ImageNet (data_prep/make_toy_imagenet.py, ImageNet-like
+200-600 px) repeated by links to fill the epochs (benchmarks/_data.py), or ``--data``; the
+.beton is all-JPEG at 256 px (``to_ffcv.py --write-mode jpg --max-resolution 256``), the
+shards keep the original JPEGs (``to_dali.py``). Every variant uses ``--workers`` processes or
+threads. Variants run one after another: a warm-up (compilation, worker start-up, and the
+batches prefetched meanwhile), then ``--repeats`` timed windows of ``--iters`` batches back to
+back, so no window gets batches made while the loader idled; the loader is then closed.
+
+    python benchmarks/loaders.py                        # all installed backends, toy data
+    python benchmarks/loaders.py --backends ffcv_stock,ffcv --workers 8 --batch-size 256
+    python benchmarks/loaders.py --smoke                # tiny settings, a few seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import _data  # noqa: E402
+from fastsiam.benchmark import BenchmarkReport, Measurement, measure  # noqa: E402
+from fastsiam.data import build_loader  # noqa: E402
+
+# variant -> (library it needs, data format, loader backend or None, backend options)
+VARIANTS: dict[str, tuple[str | None, str, str | None, dict[str, Any]]] = {
+    "pil_full": (None, "imagefolder", "pil", {"augment": "full"}),
+    "pil_crop": (None, "imagefolder", "pil", {"augment": "crop"}),
+    "ffcv_stock": ("ffcv", "beton", None, {}),
+    "ffcv": ("ffcv", "beton", "ffcv", {}),
+    "ffcv_views": ("ffcv", "beton", "ffcv", {"copy": False}),
+    "dali_once": ("nvidia.dali", "shards", "dali", {"decode": "once"}),
+    "dali_twice": ("nvidia.dali", "shards", "dali", {"decode": "twice"}),
+    "dali_webdataset": ("nvidia.dali", "shards", "dali", {"reader": "webdataset"}),
+    "nvjpeg": (None, "shards", "nvjpeg", {}),
+    "synthetic": (None, "none", "synthetic", {}),
+}
+
+
+def installed(library: str | None) -> bool:
+    if library is None:
+        return True
+    try:
+        return importlib.util.find_spec(library) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def stock_ffcv(
+    path: Path, *, batch_size: int, image_size: int, workers: int, device: torch.device, seed: int
+) -> Any:
+    """Stock FFCV's two views: two decoder pipelines on one field, flips on the CPU."""
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+    def view() -> list[Any]:
+        to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+        return [RandomHorizontalFlip(), ToTensor(), *to_device, ToTorchImage()]
+
+    def decoder() -> Any:
+        return RandomResizedCropRGBImageDecoder((image_size, image_size), scale=(0.2, 1.0))
+
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    pipelines = {
+        "image": PipelineSpec("image", decoder=decoder(), transforms=view()),
+        "image2": PipelineSpec("image", decoder=decoder(), transforms=view()),
+        "label": PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor(), *to_device]),
+    }
+    return Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.RANDOM,
+        seed=seed,
+        pipelines=pipelines,
+        drop_last=True,
+    )
+
+
+def drain_count(name: str, workers: int) -> int:
+    """Batches a variant prepares ahead of the consumer (consumed by the warm-up)."""
+    backend = VARIANTS[name][2]
+    return {
+        "pil": 4 * max(workers, 1) + 1,
+        "ffcv": 4,
+        None: 4,
+        "dali": 3,
+        "nvjpeg": 5,
+        "synthetic": 0,
+    }[backend]
+
+
+def endless(loader: Any, is_fastsiam: bool) -> Iterator[Any]:
+    """Batches over consecutive epochs."""
+    epoch = 0
+    while True:
+        if is_fastsiam:
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def prepare(
+    args: argparse.Namespace, names: list[str], cache: Path
+) -> tuple[dict[str, Path], dict]:
+    formats = {VARIANTS[n][1] for n in names}
+    need = args.batch_size * max(
+        24, 2 * (args.iters + max(drain_count(n, args.workers) for n in names))
+    )
+    data = _data.prepare(
+        cache,
+        min_images=need,
+        formats={"shards"} & formats,
+        data=args.data,
+        classes=args.classes,
+        distinct=args.distinct,
+        min_side=args.min_side,
+        max_side=args.max_side,
+        workers=args.workers,
+    )
+    paths = {"imagefolder": data.imagefolder, "none": data.imagefolder}
+    if data.shards is not None:
+        paths["shards"] = data.shards
+    if "beton" in formats:
+        from data_prep.sources import list_image_folder
+        from data_prep.to_ffcv import convert
+
+        beton = cache / f"{data.imagefolder.name}_jpg256.beton"
+        if not beton.exists():
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                convert(
+                    list_image_folder(data.imagefolder),
+                    beton,
+                    write_mode="jpg",
+                    max_resolution=256,
+                    workers=max(1, args.workers),
+                    quiet=True,
+                )
+        paths["beton"] = beton
+    return paths, data.info | {"images_per_epoch": data.images}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--backends",
+        default="all",
+        help=f"comma-separated variants (default: every installed one of {', '.join(VARIANTS)})",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default 256 on a GPU, 64 on the CPU"
+    )
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--iters", type=int, default=10, help="batches per timed window")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows per variant")
+    p.add_argument("--data", type=Path, help="an ImageFolder train folder instead of the toy data")
+    p.add_argument(
+        "--data-cache", type=Path, help="keep the prepared data here (default: a temp dir)"
+    )
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--distinct", type=int, default=300, help="distinct toy images")
+    p.add_argument("--min-side", type=int, default=200)
+    p.add_argument("--max-side", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny data and settings; writes a result only with --out or $OUT",
+    )
+    p.add_argument("--out", help="folder for the JSON (default: $OUT, else benchmarks/results)")
+    p.add_argument(
+        "--note", help="free text stored with the result (e.g. how loaded the machine was)"
+    )
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.smoke:
+        args.batch_size = args.batch_size or 8
+        args.image_size, args.iters, args.repeats = 64, 2, 1
+        args.classes, args.distinct, args.min_side, args.max_side = 4, 32, 64, 160
+        args.workers = min(args.workers, 2)
+    args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    wanted = list(VARIANTS) if args.backends == "all" else args.backends.split(",")
+    unknown = [n for n in wanted if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; expected {', '.join(VARIANTS)}")
+    names = [n for n in wanted if installed(VARIANTS[n][0])]
+    skipped = [n for n in wanted if n not in names]
+    if skipped:
+        print(f"skipping {', '.join(skipped)}: library not installed", file=sys.stderr)
+
+    with contextlib.ExitStack() as stack:
+        cache = args.data_cache or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="loaders-bench-"))
+        )
+        paths, data_info = prepare(args, names, cache)
+        common = dict(
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            workers=args.workers,
+            device=device,
+            seed=args.seed,
+        )
+        samples: dict[str, list[float]] = {}
+        for name in names:
+            _, fmt, backend, options = VARIANTS[name]
+            if backend is None:
+                loader = stock_ffcv(paths[fmt], **common)
+            else:
+                loader = build_loader(backend, paths[fmt], **common, **options)
+            batches = endless(loader, backend is not None)
+            # Warm-up: compilation and worker start-up, then the batches prefetched meanwhile;
+            # the timed windows follow back to back, so the loader never idles ahead of them.
+            for _ in range(drain_count(name, args.workers) + 2):
+                next(batches)
+            m = measure(
+                batches.__next__,
+                items_per_call=args.batch_size,
+                iters=args.iters,
+                repeats=args.repeats,
+                warmup=0,
+                device=str(device),
+            )
+            samples[name] = m.samples
+            print(f"{name}: {m.items_per_s:.1f} images/s", file=sys.stderr)
+            batches.close()
+            del batches, loader
+
+    settings = {
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "workers": args.workers,
+        "iters": args.iters,
+        "repeats": args.repeats,
+        "scale": [0.2, 1.0],
+        "smoke": args.smoke,
+        "data": str(args.data)
+        if args.data
+        else f"toy ImageNet, {args.distinct} distinct images, {args.min_side}-{args.max_side} px",
+        "beton": "to_ffcv.py --write-mode jpg --max-resolution 256",
+        "shards": "to_dali.py defaults (original JPEG bytes)",
+        **data_info,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+    if args.note:
+        settings["note"] = args.note
+    report = BenchmarkReport(
+        "loaders", str(device), settings, baseline="pil_full" if "pil_full" in names else None
+    )
+    for name in names:
+        rates = samples[name]
+        m = Measurement(
+            statistics.median(rates),
+            min(rates),
+            max(rates),
+            statistics.mean(args.batch_size / r for r in rates),
+            len(rates),
+            args.iters,
+            0,
+            rates,
+        )
+        _, fmt, backend, options = VARIANTS[name]
+        extra: dict[str, Any] = {
+            "workers": args.workers,
+            "data_format": fmt,
+            "options": options or None,
+        }
+        if name in ("ffcv", "ffcv_views") and "ffcv_stock" in samples:
+            extra["vs_ffcv_stock"] = round(
+                m.items_per_s / statistics.median(samples["ffcv_stock"]), 3
+            )
+        report.add(name, m, **extra)
+    print(report.table())
+    out = args.out or os.environ.get("OUT")
+    if args.smoke and not out:
+        print("smoke run: no result written (pass --out to keep it)")
+    else:
+        print(f"wrote {report.write(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
