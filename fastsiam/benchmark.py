@@ -1,7 +1,8 @@
 """The shared benchmark harness: timing with warm-up and repeats, environment capture, JSON output.
 
-Every script under ``benchmarks/`` measures through :func:`measure` and records through
-:class:`BenchmarkReport`, so all results share one schema (``SCHEMA_VERSION``) that
+Every script under ``benchmarks/`` measures through :func:`measure` (or summarizes rates it
+timed itself with :func:`summarize`) and records through :class:`BenchmarkReport`, so all
+results share one schema (``SCHEMA_VERSION``, checked by :func:`validate_result`) that
 ``benchmarks/report.py`` renders into BENCHMARKS.md.
 
 Timing rule: a *call* processes ``items_per_call`` images; one *repeat* times ``iters`` calls
@@ -9,19 +10,46 @@ after ``warmup`` untimed calls (warm-up happens once, before the first repeat). 
 device is synchronized before starting and before stopping the clock, so asynchronous kernel
 launches are not mistaken for finished work. The reported rate is the median over repeats,
 with the min-max spread.
+
+Script contract (tested for every ``benchmarks/*.py`` but ``report.py``): ``--smoke`` runs in
+seconds on the CPU, ``--out DIR`` writes the JSON there (``$OUT`` is the default destination
+when set, else ``benchmarks/results/``).
+
+The result file, ``<benchmark>-<device slug>.json``::
+
+    schema          1
+    benchmark       the script's name (step, augment, loaders, convert, end_to_end)
+    baseline        the variant the other rows are compared against, or null
+    settings        the run's fixed settings; conventional keys: batch_size, image_size,
+                    workers, arch, note, skipped ({variant: why}), errors ([...])
+    command, git_commit, date (UTC, ISO 8601), device, device_name, cpu_count, python,
+    torch_threads, versions ({torch, torchvision, numpy, ffcv, dali, pillow, cuda, cudnn})
+    peak_host_memory_mb   {"process": peak RSS, "largest_child": peak RSS of a worker}
+    rows            one per variant:
+        variant                       unique name within the file
+        items_per_s                   median over repeats (images/s unless said otherwise)
+        items_per_s_min, _max         spread over repeats
+        samples                       the rate of each repeat (len == repeats)
+        seconds_per_call              mean time of one call over the timed repeats
+        repeats, iters, warmup        how it was timed
+        ... script-specific extras: peak_memory_mb (device), workers, backend, ...
+
+Numbers are finite everywhere (the JSON is written with ``allow_nan=False``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -44,6 +72,31 @@ class Measurement:
     iters: int
     warmup: int
     samples: list[float] = field(default_factory=list)  # items/s of each repeat
+
+
+def summarize(rates: Sequence[float], *, items_per_call: int, iters: int, warmup: int) -> Measurement:
+    """A :class:`Measurement` from the rates (items/s) of timed repeats of ``iters`` calls.
+
+    For benchmarks that time repeats themselves (the end-to-end benchmark reads the trainer's
+    per-window images/s); :func:`measure` summarizes through here too.
+    """
+    rates = [float(r) for r in rates]
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ValueError(f"summarize: need at least one positive finite rate, got {rates}")
+    if items_per_call < 1 or iters < 1:
+        raise ValueError(f"summarize: need items_per_call>=1 and iters>=1, got {items_per_call}, {iters}")
+    # A repeat of rate r took items_per_call * iters / r seconds for iters calls.
+    seconds_per_call = items_per_call * statistics.fmean(1.0 / r for r in rates)
+    return Measurement(
+        items_per_s=statistics.median(rates),
+        items_per_s_min=min(rates),
+        items_per_s_max=max(rates),
+        seconds_per_call=seconds_per_call,
+        repeats=len(rates),
+        iters=iters,
+        warmup=warmup,
+        samples=rates,
+    )
 
 
 def measure(
@@ -76,7 +129,6 @@ def measure(
     for _ in range(warmup):
         fn()
     rates = []
-    total_time = 0.0
     for _ in range(repeats):
         sync()
         start = timer()
@@ -84,18 +136,8 @@ def measure(
             fn()
         sync()
         elapsed = max(timer() - start, 1e-12)
-        total_time += elapsed
         rates.append(items_per_call * iters / elapsed)
-    return Measurement(
-        items_per_s=statistics.median(rates),
-        items_per_s_min=min(rates),
-        items_per_s_max=max(rates),
-        seconds_per_call=total_time / (repeats * iters),
-        repeats=repeats,
-        iters=iters,
-        warmup=warmup,
-        samples=rates,
-    )
+    return summarize(rates, items_per_call=items_per_call, iters=iters, warmup=warmup)
 
 
 def _no_sync() -> None:
@@ -108,11 +150,13 @@ def _cuda_sync() -> None:
     torch.cuda.synchronize()
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def git_commit() -> str | None:
@@ -162,7 +206,23 @@ def device_slug(device: str) -> str:
 
 def environment(device: str) -> dict[str, Any]:
     """What produced a result: versions, machine, command and commit."""
-    env: dict[str, Any] = {
+    torch = sys.modules.get("torch")  # read from torch only if the script uses it
+    versions = {
+        name: _version(*dists)
+        for name, dists in [
+            ("torch", ("torch",)),
+            ("torchvision", ("torchvision",)),
+            ("numpy", ("numpy",)),
+            ("ffcv", ("ffcv",)),
+            ("dali", ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110")),
+            ("pillow", ("pillow",)),
+        ]
+    }
+    if torch is not None:
+        versions["cuda"] = torch.version.cuda
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        versions["cudnn"] = str(cudnn) if cudnn else None
+    return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -170,19 +230,9 @@ def environment(device: str) -> dict[str, Any]:
         "device_name": device_name(device),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "versions": {
-            name: _version(dist)
-            for name, dist in [
-                ("torch", "torch"),
-                ("torchvision", "torchvision"),
-                ("numpy", "numpy"),
-                ("ffcv", "ffcv"),
-                ("dali", "nvidia-dali-cuda120"),
-                ("pillow", "pillow"),
-            ]
-        },
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "versions": versions,
     }
-    return env
 
 
 def peak_memory_mb(device: str) -> float | None:
@@ -199,6 +249,20 @@ def reset_peak_memory(device: str) -> None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def peak_host_memory_mb() -> dict[str, float | None]:
+    """Peak resident memory of this process and of its largest finished child (loader workers)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return {"process": None, "largest_child": None}
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    unit = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10
+    return {
+        "process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit, 1),
+        "largest_child": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit, 1),
+    }
 
 
 class BenchmarkReport:
@@ -231,11 +295,12 @@ class BenchmarkReport:
             "baseline": self.baseline,
             "settings": self.settings,
             **self.env,
+            "peak_host_memory_mb": peak_host_memory_mb(),
             "rows": self.rows,
         }
 
     def table(self) -> str:
-        base = next((r for r in self.rows if r["variant"] == self.baseline), None)
+        base = baseline_row(self.to_dict())
         extra_keys = sorted({k for r in self.rows for k in r} - _ROW_CORE_KEYS)
         head = ["variant", "images/s", "min-max", *(["x baseline"] if base else []), *extra_keys]
         lines = []
@@ -255,13 +320,21 @@ class BenchmarkReport:
         return "\n".join([title, fmt.format(*head), *(fmt.format(*c) for c in lines)])
 
     def write(self, out_dir: str | os.PathLike[str] | None = None, name: str | None = None) -> Path:
-        """Write ``<out_dir>/<benchmark>-<device>.json`` atomically; ``$OUT`` wins when set."""
+        """Write ``<out_dir>/<benchmark>-<device>.json`` atomically; ``$OUT`` wins when set.
+
+        Raises :class:`ResultError` (before writing anything) if the result breaks the schema.
+        """
         from fastsiam.io import atomic_open
 
+        data = self.to_dict()
         directory = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
         path = directory / f"{name or self.benchmark}-{device_slug(self.device)}.json"
+        problems = validate_result(data)
+        if problems:
+            raise ResultError(f"{path}: not written, the result breaks the schema: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         with atomic_open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(data, f, indent=2, allow_nan=False)
             f.write("\n")
         return path
 
@@ -278,3 +351,124 @@ def _fmt(v: Any) -> str:
     if isinstance(v, dict):
         return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
     return "-" if v is None else str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# the schema
+
+
+class ResultError(ValueError):
+    """A result file that cannot be used: unreadable, not JSON, or not the schema."""
+
+
+_TOP_TYPES: dict[str, tuple[type, ...]] = {
+    "schema": (int,), "benchmark": (str,), "baseline": (str, type(None)), "settings": (dict,),
+    "command": (str,), "git_commit": (str, type(None)), "date": (str,), "device": (str,),
+    "device_name": (str,), "cpu_count": (int, type(None)), "python": (str,), "versions": (dict,),
+    "rows": (list,),
+}
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "variant": (str,), "items_per_s": (int, float), "items_per_s_min": (int, float),
+    "items_per_s_max": (int, float), "seconds_per_call": (int, float), "repeats": (int,),
+    "iters": (int,), "warmup": (int,), "samples": (list,),
+}
+_DATE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def validate_result(data: Any) -> list[str]:
+    """Every way ``data`` (a loaded result) breaks the schema, as one-line messages; [] if valid."""
+    if not isinstance(data, dict):
+        return [f"top level must be an object, got {type(data).__name__}"]
+    problems = [f"non-finite number at {where}" for where in _non_finite(data, "")]
+    for key, types in _TOP_TYPES.items():
+        if key not in data:
+            problems.append(f"missing key '{key}'")
+        elif not isinstance(data[key], types) or isinstance(data[key], bool):
+            problems.append(f"'{key}' must be {_names(types)}, got {data[key]!r:.60}")
+    if problems:
+        return problems
+    if data["schema"] != SCHEMA_VERSION:
+        problems.append(f"'schema' is {data['schema']}, this code reads version {SCHEMA_VERSION}")
+    if not _DATE.match(data["date"]):
+        problems.append(f"'date' must look like 2025-01-31T12:00:00Z, got {data['date']!r}")
+    for name, version in data["versions"].items():
+        if not isinstance(version, (str, type(None))):
+            problems.append(f"versions.{name} must be a string or null, got {version!r}")
+    seen: set[str] = set()
+    for i, row in enumerate(data["rows"]):
+        problems += [f"rows[{i}]: {p}" for p in _row_problems(row)]
+        if isinstance(row, dict) and isinstance(row.get("variant"), str):
+            if row["variant"] in seen:
+                problems.append(f"rows[{i}]: variant {row['variant']!r} appears twice")
+            seen.add(row["variant"])
+    if data["baseline"] is not None and data["baseline"] not in seen:
+        problems.append(f"baseline {data['baseline']!r} is not a row's variant")
+    return problems
+
+
+def _row_problems(row: Any) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"must be an object, got {type(row).__name__}"]
+    problems = []
+    for key, types in _ROW_TYPES.items():
+        if key not in row:
+            problems.append(f"missing key '{key}'")
+        elif not isinstance(row[key], types) or isinstance(row[key], bool):
+            problems.append(f"'{key}' must be {_names(types)}, got {row[key]!r:.60}")
+    if problems:
+        return problems
+    samples = row["samples"]
+    rate, lo, hi = row["items_per_s"], row["items_per_s_min"], row["items_per_s_max"]
+    if row["repeats"] < 1 or row["iters"] < 1 or row["warmup"] < 0:
+        problems.append(f"need repeats>=1, iters>=1, warmup>=0, got {row['repeats']}, {row['iters']}, {row['warmup']}")
+    if not (lo > 0 and row["seconds_per_call"] > 0):
+        problems.append(f"rates and times must be positive (min {lo}, seconds_per_call {row['seconds_per_call']})")
+    if not lo <= rate <= hi:
+        problems.append(f"need items_per_s_min <= items_per_s <= items_per_s_max, got {lo} <= {rate} <= {hi}")
+    if len(samples) != row["repeats"] or not all(isinstance(s, (int, float)) for s in samples):
+        problems.append(f"'samples' must hold one rate per repeat ({row['repeats']}), got {samples!r:.60}")
+    elif not (_close(statistics.median(samples), rate) and _close(min(samples), lo)
+              and _close(max(samples), hi)):
+        problems.append("items_per_s, _min and _max must be the median, min and max of 'samples'")
+    return problems
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", dict: "an object",
+             list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(words[t] for t in types))
+
+
+def _non_finite(value: Any, where: str) -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [where or "top level"]
+    if isinstance(value, dict):
+        return [w for k, v in value.items() for w in _non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [w for i, v in enumerate(value) for w in _non_finite(v, f"{where}[{i}]")]
+    return []
+
+
+def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate one result file; :class:`ResultError` names the file and the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ResultError(f"{path}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultError(f"{path}: not JSON: {e}") from None
+    problems = validate_result(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ResultError(f"{path}: not a benchmark result: {problems[0]}{more}")
+    return data
+
+
+def baseline_row(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The row named by ``result["baseline"]``, if any."""
+    return next((r for r in result["rows"] if r["variant"] == result.get("baseline")), None)
