@@ -48,7 +48,7 @@ from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_box
 from fastsiam.data.jpeg import jpeg_size
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
-from fastsiam.data.shards import ShardFormatError, ShardReader
+from fastsiam.data.shards import ShardReader, open_shard_folder
 
 READERS = ("index", "webdataset")
 DECODES = ("once", "twice")
@@ -336,15 +336,7 @@ def build(
         raise ValueError(
             f"dali loader: option decode must be one of {', '.join(DECODES)}, got {decode!r}"
         )
-    if not path.is_dir():
-        raise ValueError(
-            f"dali loader: {path} is not a directory; expected a shard folder written by "
-            "data_prep/to_dali.py (a .beton file is read by the ffcv backend)"
-        )
-    try:
-        shards = ShardReader(path)
-    except ShardFormatError as e:
-        raise ValueError(f"dali loader: {e}") from None
+    shards = open_shard_folder(path, "dali")
     train = split == "train"
     sampler = EpochSampler(
         len(shards),

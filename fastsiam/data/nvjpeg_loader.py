@@ -39,7 +39,7 @@ from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_key
 from fastsiam.data.loader import Loader
 from fastsiam.data.resample import crop_resize
 from fastsiam.data.sampler import EpochSampler
-from fastsiam.data.shards import ShardFormatError, ShardReader
+from fastsiam.data.shards import ShardReader, open_shard_folder
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec (on every call); they
 # are what this backend is for and what the GPU machines' torchvision provides.
@@ -297,15 +297,7 @@ def build(
         raise ValueError(
             f"nvjpeg loader: option resize must be one of {', '.join(RESIZES)}, got {resize!r}"
         )
-    if not path.is_dir():
-        raise ValueError(
-            f"nvjpeg loader: {path} is not a directory; expected a shard folder written by "
-            "data_prep/to_dali.py (a .beton file is read by the ffcv backend)"
-        )
-    try:
-        shards = ShardReader(path)
-    except ShardFormatError as e:
-        raise ValueError(f"nvjpeg loader: {e}") from None
+    shards = open_shard_folder(path, "nvjpeg")
     train = split == "train"
     sampler = EpochSampler(
         len(shards),

@@ -55,9 +55,24 @@ TAR_BLOCK = 512
 IndexEntry = tuple[str, dict[str, tuple[int, int]]]
 
 __all__ = [
-    "INDEX_VERSION", "MANIFEST_NAME", "IndexEntry", "Manifest", "ShardEntry", "ShardFormatError",
-    "ShardReader", "ShardWriter", "file_sha256", "format_index", "parse_index", "read_index",
-    "read_manifest", "read_member", "tar_member_bytes", "ustar_header", "write_index",
+    "INDEX_VERSION",
+    "MANIFEST_NAME",
+    "IndexEntry",
+    "Manifest",
+    "ShardEntry",
+    "ShardFormatError",
+    "ShardReader",
+    "ShardWriter",
+    "file_sha256",
+    "format_index",
+    "open_shard_folder",
+    "parse_index",
+    "read_index",
+    "read_manifest",
+    "read_member",
+    "tar_member_bytes",
+    "ustar_header",
+    "write_index",
     "write_manifest",
 ]
 
@@ -529,3 +544,19 @@ class ShardReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def open_shard_folder(path: str | os.PathLike[str], backend: str) -> ShardReader:
+    """The :class:`ShardReader` of a folder written by ``data_prep/to_dali.py``, for a loader
+    backend: a wrong path or format is a one-line ``ValueError`` naming ``backend``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(
+            f"{backend} loader: {path} is not a directory; expected a shard folder written by "
+            "data_prep/to_dali.py (a .beton file is read by the ffcv backend)"
+        )
+    try:
+        return ShardReader(path)
+    except ShardFormatError as e:
+        raise ValueError(f"{backend} loader: {e}") from None
+
