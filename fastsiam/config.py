@@ -11,8 +11,10 @@ bounds), and ``help`` (shown by ``fastsiam train --help-config``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,6 +273,12 @@ def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, src:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 5e-4 (no dot) as a string; take it as the number it means.
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)

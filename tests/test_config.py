@@ -50,8 +50,16 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     assert cfg.data.options == {"augment": "crop"}
 
 
-def test_int_is_accepted_for_float() -> None:
+def test_int_and_yaml11_exponents_are_accepted_for_float(tmp_path: Path) -> None:
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(None, ["optim.weight_decay=5e-4"]).optim.weight_decay == 5e-4
+    assert load_config(write(tmp_path / "c.yaml", "optim:\n  weight_decay: 1e-5\n")).optim.weight_decay == 1e-5
+
+
+@pytest.mark.parametrize("value", [".nan", "nan", ".inf", "-inf"])
+def test_non_finite_floats_are_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^command line: 'optim.lr' must be a finite number, got"):
+        load_config(None, [f"optim.lr={value}"])
 
 
 @pytest.mark.parametrize(
