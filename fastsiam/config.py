@@ -108,7 +108,8 @@ class TrainConfig:
     deterministic: bool = _f(False, help="bit-reproducible on the CPU (slower)")
     max_steps: int | None = _f(None, min=1, help="stop after this many optimizer steps")
     log_every: int = _f(10, min=1, help="steps between host syncs for logging")
-    on_nonfinite: str = _f("stop", choices=["stop", "skip"])
+    on_nonfinite: str = _f("stop", choices=["stop", "skip"],
+                           help="a non-finite loss: stop with a debug checkpoint, or skip that step's update")
 
 
 @dataclass

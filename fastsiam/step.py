@@ -151,12 +151,15 @@ class Step:
         device: the training device.
         amp: ``"bf16"``, ``"fp16"`` (CUDA only; fp32 with a notice elsewhere) or ``"none"``.
         channels_last: NHWC activations and weights (the model is converted if needed).
+        skip_nonfinite: skip the update of a step whose loss is inf/NaN (a masked update, no
+            host sync; needs fastsiam's SGD/LARS). fp16's scaler skips overflows regardless.
     """
 
     mode = "eager"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
-                 device: torch.device | str, amp: str = "bf16", channels_last: bool = True):
+                 device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
+                 skip_nonfinite: bool = False):
         self.model = model
         self.optimizer = optimizer
         self.augment = augment
@@ -167,6 +170,10 @@ class Step:
         self.autocast_cache = True
         _set_memory_format(model, channels_last)
         self.scaler: LossScaler | None = None
+        if skip_nonfinite and not isinstance(optimizer, _DeviceLROptimizer):
+            raise ValueError("train.on_nonfinite=skip needs fastsiam's SGD or LARS (optim.impl auto, "
+                             f"foreach or fused) for its masked update; got {type(optimizer).__name__}")
+        self.skip_nonfinite = skip_nonfinite
         if self.amp == "fp16":
             if not isinstance(optimizer, _DeviceLROptimizer):
                 raise ValueError("amp=fp16 needs fastsiam's SGD or LARS (optim.impl auto, foreach "
@@ -195,7 +202,10 @@ class Step:
         loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
         if self.scaler is None:
             loss.backward()
-            self.optimizer.step()
+            if self.skip_nonfinite:
+                self.optimizer.step(found_inf=(~torch.isfinite(loss)).float())
+            else:
+                self.optimizer.step()
         else:
             self.scaler.scale_loss(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -226,9 +236,9 @@ class GraphStep(Step):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
                  device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
-                 warmup_iters: int | None = None):
+                 skip_nonfinite: bool = False, warmup_iters: int | None = None):
         super().__init__(model, optimizer, augment, device=device, amp=amp,
-                         channels_last=channels_last)
+                         channels_last=channels_last, skip_nonfinite=skip_nonfinite)
         if self.device.type != "cuda":
             raise ValueError(f"GraphStep needs a CUDA device, got {self.device}")
         if not isinstance(optimizer, _DeviceLROptimizer):
@@ -304,7 +314,7 @@ class GraphStep(Step):
 
 def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
                device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
-               mode: str = "eager") -> Step:
+               mode: str = "eager", skip_nonfinite: bool = False) -> Step:
     """The training step for ``mode`` (``eager`` or ``graph``; graph falls back to eager
     with a notice when the device is not CUDA). See :class:`Step` for the arguments."""
     if mode not in MODES:
@@ -315,4 +325,5 @@ def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augm
                       stacklevel=2)
         mode = "eager"
     cls = GraphStep if mode == "graph" else Step
-    return cls(model, optimizer, augment, device=device, amp=amp, channels_last=channels_last)
+    return cls(model, optimizer, augment, device=device, amp=amp, channels_last=channels_last,
+               skip_nonfinite=skip_nonfinite)

@@ -148,6 +148,7 @@ class Trainer:
         self.step_fn = build_step(
             self.train_module, self.optimizer, self.augment, device=self.device, amp=cfg.train.amp,
             channels_last=cfg.train.channels_last, mode=cfg.train.step,
+            skip_nonfinite=cfg.train.on_nonfinite == "skip",
         )
         self.logger = RunLogger(self.work_dir, enabled=False)  # replaced in fit() once the dir is checked
         self.epoch = 0
@@ -320,7 +321,7 @@ class Trainer:
             self.logger.log({"event": "nonfinite", "step": step, "checkpoint": str(path)})
             raise TrainingError(f"{msg}; wrote {path} for debugging. Lower optim.lr, use train.amp=bf16, "
                                 f"or set train.on_nonfinite=skip")
-        log.warning("%s: skipped", msg)
+        log.warning("%s: its update was skipped (train.on_nonfinite=skip)", msg)
 
     # ------------------------------------------------------------------------------------
     # helpers

@@ -214,3 +214,38 @@ def test_print_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     again = load_config(printed)  # the printed text is a complete, valid config
     assert again.optim.lr == 0.3 and again.train.max_steps == 5
     assert again.to_dict() == load_config(cfg, ["optim.lr=0.3", "train.max_steps=5"]).to_dict()
+
+
+def test_nonfinite_skip_leaves_the_weights_untouched(toy_imagenet: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_nonfinite=skip: a NaN loss at step 2 skips exactly that update, the run goes on."""
+    from fastsiam import step as step_module
+
+    calls = {"n": 0}
+    real = step_module.simsiam_loss
+
+    def nan_at_step_2(*args: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(step_module, "simsiam_loss", nan_at_step_2)
+    cfg = load_config(None, toy_overrides(toy_imagenet, **{"train.epochs": 1, "train.max_steps": 2,
+                                                           "train.on_nonfinite": "skip", "train.log_every": 1}))
+    trainer = Trainer(cfg, work_dir=tmp_path / "run")
+    before_step_2 = {}
+
+    real_call = trainer.step_fn._run
+
+    def spy(batch: object) -> object:
+        if calls["n"] == 1:  # the first step is done: keep the weights step 2 starts from
+            before_step_2.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return real_call(batch)
+
+    trainer.step_fn._run = spy  # type: ignore[method-assign]
+    result = trainer.fit()
+    assert result.step == 2
+    after = trainer.model.state_dict()
+    params = {n for n, _ in trainer.model.named_parameters()}
+    assert all(torch.equal(before_step_2[k], after[k]) for k in params)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
