@@ -15,7 +15,8 @@ the same run, from the same pieces:
 Each combination's row says which ceiling bounds it (the lower one), the share of that
 ceiling it reaches, and the overlap of loading and stepping: (t_loader + t_step - t_e2e) /
 min(t_loader, t_step) per image: 1 when one fully hides the other, 0 when they run in series
-(on a 2-core machine they share the cores, so below 1 is expected).
+(on a 2-core machine they share the cores, so below 1 is expected); left out when one time
+is under a tenth of the other (the synthetic loader), where it would only amplify noise.
 
 Loader backends (those not installed are skipped with the reason): ``pil_full`` (the official
 recipe's loader), ``pil_crop`` (PIL crops only, augmentation on the device), ``ffcv``,
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,13 +122,13 @@ class Run:
     """One benchmark run: shared settings, the data, the ceilings measured so far."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device, data: _data.BenchData,
-                 work: Path):
+                 work: Path, threads: int):
         self.args = args
         self.device = device
         self.cuda = device.type == "cuda"
         self.data = data
         self.work = work
-        self.threads = torch.get_num_threads()
+        self.threads = threads  # restored before every measurement
         self.runs = 0
 
     def config(self, backend: str, variant: str, extra: dict[str, Any] | None = None) -> Config:
@@ -177,7 +179,8 @@ class Run:
 
         m = measure(one, items_per_call=a.batch_size, iters=a.iters, repeats=a.repeats,
                     warmup=a.iters * a.warmup_windows, device=str(self.device))
-        return m, {**_step_facts(trainer), "final_loss": round(float(last[0]), 4),
+        return m, {**_step_facts(trainer), "torch_threads": torch.get_num_threads(),
+                   "final_loss": round(float(last[0]), 4),
                    "peak_memory_mb": peak_memory_mb(str(self.device))}
 
     def loader_alone(self, backend: str) -> tuple[Measurement, dict[str, Any]]:
@@ -224,7 +227,9 @@ class Run:
         m = summarize([r["images_per_s"] for r in timed], items_per_call=a.batch_size, iters=a.iters,
                       warmup=a.iters * a.warmup_windows)
         waits = sorted(r["data_wait"] for r in timed)
-        extra = {**facts, "data_wait": round(waits[len(waits) // 2], 4),
+        # Threads as the run ended: the trainer's choice, or what a loader (FFCV) set meanwhile.
+        extra = {**facts, "torch_threads": torch.get_num_threads(),
+                 "data_wait": round(waits[len(waits) // 2], 4),
                  "final_loss": round(result.last_loss, 4) if result.last_loss is not None else None,
                  "peak_memory_mb": peak_memory_mb(str(self.device))}
         return m, extra
@@ -278,7 +283,9 @@ def add_bounds(report: BenchmarkReport) -> None:
         s, ld, e = step["items_per_s"], loader["items_per_s"], r["items_per_s"]
         r["bound"] = "loader" if ld < s else "step"
         r["of_ceiling"] = round(e / min(s, ld), 3)
-        r["overlap"] = round((1 / ld + 1 / s - 1 / e) / min(1 / ld, 1 / s), 3)
+        t_load, t_step, t_e2e = 1 / ld, 1 / s, 1 / e
+        if min(t_load, t_step) >= 0.1 * max(t_load, t_step):  # else one side is noise-sized
+            r["overlap"] = round((t_load + t_step - t_e2e) / min(t_load, t_step), 3)
 
 
 def _kind_of(name: str) -> str:
@@ -364,6 +371,59 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+Plan = list[tuple[str, Callable[[], tuple[str, dict[str, Any], tuple[Measurement, dict[str, Any]]]]]]
+
+
+def make_plan(run: Run, backends: list[str], variants: list[str]) -> Plan:
+    """Named measurements in order: step ceilings, loader ceilings, then the combinations (the
+    official recipe first, then the fast step on every loader: what a time budget keeps)."""
+    plan: Plan = []
+    for v in variants:
+        for fv in sorted({BACKENDS[b].float_views for b in backends}):
+            plan.append((step_name(v, fv),
+                         lambda v=v, fv=fv: ("step_alone", {"step": v}, run.step_alone(v, fv))))
+    for b in backends:
+        plan.append((loader_name(b),
+                     lambda b=b: ("loader_alone", {"backend": b}, run.loader_alone(b))))
+    by_priority = sorted(variants, key=lambda v: v != "fast")
+    combos = [OFFICIAL] + [(b, v) for v in by_priority for b in backends if (b, v) != OFFICIAL]
+    for b, v in combos:
+        plan.append((f"{b} + {v}", lambda b=b, v=v: ("end_to_end", {"backend": b, "step": v},
+                                                     run.end_to_end(b, v))))
+    return plan
+
+
+def execute(plan: Plan, report: BenchmarkReport, skipped: dict[str, str],
+            time_budget: float | None) -> list[str]:
+    """Run the plan into ``report``; return the errors. A SIGTERM ends it early, recorded."""
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    try:
+        for name, fn in plan:
+            if time_budget is not None and time.perf_counter() - t0 > time_budget:
+                skipped[name] = f"time budget of {time_budget:g} s spent"
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # expected notices (e.g. fp32 fallbacks)
+                    kind, keys, (m, extra) = fn()
+            except Skip as e:
+                skipped[name] = str(e)
+                print(f"{name}: skipped ({e})", file=sys.stderr)
+                continue
+            except Exception as e:  # one combination failing must not lose the others
+                errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                print(f"{name}: failed: {errors[-1]}", file=sys.stderr)
+                continue
+            report.add(name, m, kind=kind, **keys, ms_per_batch=round(m.seconds_per_call * 1e3, 2),
+                       **extra)
+            print(f"{name}: {m.items_per_s:.1f} images/s", file=sys.stderr)
+    except Interrupted:
+        report.settings["interrupted"] = f"SIGTERM after {time.perf_counter() - t0:.0f} s"
+        print("end_to_end: interrupted, writing what was measured", file=sys.stderr)
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve(args)
@@ -387,12 +447,14 @@ def main(argv: list[str] | None = None) -> int:
     formats = {BACKENDS[b].fmt for b in backends} - {None, "imagefolder"}
     need = args.batch_size * args.iters * (args.warmup_windows + args.repeats)
     cache = args.data_cache or Path(tempfile.mkdtemp(prefix="fastsiam-e2e-"))
+    threads = torch.get_num_threads()  # before the converters and loaders touch it
     started = time.perf_counter()
     data = _data.prepare(cache, min_images=need, formats=formats, data=args.data,
                          distinct=args.toy_images, classes=4 if args.smoke else 8,
                          min_side=64 if args.smoke else 200, max_side=160 if args.smoke else 600,
                          workers=_cores())
     prep_seconds = time.perf_counter() - started
+    torch.set_num_threads(threads)
     print(f"data: {data.images} images per epoch ({data.distinct} distinct) in {cache} "
           f"({prep_seconds:.1f} s)", file=sys.stderr)
     if args.prepare_only:
@@ -412,50 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         settings["note"] = args.note
     report = BenchmarkReport("end_to_end", str(device), settings, baseline=" + ".join(OFFICIAL))
-    plan: list[tuple[str, Any]] = []
-    for v in variants:
-        for fv in sorted({BACKENDS[b].float_views for b in backends}):
-            plan.append((step_name(v, fv), lambda v=v, fv=fv: ("step_alone", {"step": v}, run.step_alone(v, fv))))
-    for b in backends:
-        plan.append((loader_name(b), lambda b=b: ("loader_alone", {"backend": b}, run.loader_alone(b))))
-    # The official recipe first, then the fast step on every loader: what a time budget keeps.
-    by_priority = sorted(variants, key=lambda v: v != "fast")
-    combos = [OFFICIAL] + [(b, v) for v in by_priority for b in backends if (b, v) != OFFICIAL]
-    for b, v in combos:
-        plan.append((f"{b} + {v}", lambda b=b, v=v: ("end_to_end", {"backend": b, "step": v},
-                                                     run.end_to_end(b, v))))
-
+    work = Path(tempfile.mkdtemp(prefix="runs-", dir=cache))
+    run = Run(args, device, data, work, threads)
+    plan = make_plan(run, backends, variants)
     if args.only:
         kinds = {k.strip() for k in args.only.split(",")}
         plan = [(n, fn) for n, fn in plan if _kind_of(n) in kinds]
-    errors: list[str] = []
-    work = Path(tempfile.mkdtemp(prefix="runs-", dir=cache))
-    run = Run(args, device, data, work)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where is it stuck
-    t0 = time.perf_counter()
     try:
-        for name, fn in plan:
-            if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-                skipped[name] = f"time budget of {args.time_budget:g} s spent"
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # expected notices (e.g. fp32 fallbacks)
-                    kind, keys, (m, extra) = fn()
-            except Skip as e:
-                skipped[name] = str(e)
-                print(f"{name}: skipped ({e})", file=sys.stderr)
-                continue
-            except Exception as e:  # one combination failing must not lose the others
-                errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                print(f"{name}: failed: {errors[-1]}", file=sys.stderr)
-                continue
-            report.add(name, m, kind=kind, **keys, ms_per_batch=round(m.seconds_per_call * 1e3, 2), **extra)
-            print(f"{name}: {m.items_per_s:.1f} images/s", file=sys.stderr)
-    except Interrupted:
-        report.settings["interrupted"] = f"SIGTERM after {time.perf_counter() - t0:.0f} s"
-        print("end_to_end: interrupted, writing what was measured", file=sys.stderr)
+        errors = execute(plan, report, skipped, args.time_budget)
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)

@@ -221,7 +221,10 @@ def test_gpu_suite_cpu_smoke_runs_every_stage(suite) -> None:
     proc, out = suite
     assert proc.returncode == 0, proc.stdout[-3000:]
     summary = proc.stdout.split("== summary", 1)[1]
-    for stage in ("cuda-tests", "data", "step", "augment", "end-to-end"):
+    stages = ["cuda-tests", "data", "step", "augment", "end-to-end"]
+    if (BENCH / "loaders.py").is_file():
+        stages.append("loaders")
+    for stage in stages:
         assert f"\n{stage}" in summary and f"{stage:<11} ok" in summary, summary
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "gpu_suite.log" in files
@@ -265,21 +268,25 @@ def test_end_to_end_bounds_from_the_ceilings() -> None:
     from benchmarks.end_to_end import add_bounds
 
     report = make_report("end_to_end", {
-        "pil_full + reference": [50.0], "nvjpeg + fast": [90.0],
+        "pil_full + reference": [50.0], "nvjpeg + fast": [90.0], "synthetic + fast": [95.0],
         "step alone: reference (float32 views)": [60.0], "step alone: fast": [100.0],
         "loader alone: pil_full": [200.0], "loader alone: nvjpeg": [150.0],
+        "loader alone: synthetic": [20000.0],
     }, baseline="pil_full + reference")
-    kinds = ["end_to_end", "end_to_end", "step_alone", "step_alone", "loader_alone", "loader_alone"]
-    keys = [{"backend": "pil_full", "step": "reference"}, {"backend": "nvjpeg", "step": "fast"}]
-    for row, kind, extra in zip(report.rows, kinds, [*keys, {}, {}, {}, {}]):
+    kinds = ["end_to_end"] * 3 + ["step_alone"] * 2 + ["loader_alone"] * 3
+    keys = [{"backend": "pil_full", "step": "reference"}, {"backend": "nvjpeg", "step": "fast"},
+            {"backend": "synthetic", "step": "fast"}]
+    for row, kind, extra in zip(report.rows, kinds, [*keys, *[{}] * 5]):
         row.update(kind=kind, **extra)
     add_bounds(report)
-    ref, fast = report.rows[0], report.rows[1]
+    ref, fast, synthetic = report.rows[:3]
     # pil_full: step 60 < loader 200 -> step bound; 50/60 of it; per-image times 1/200, 1/60, 1/50.
     assert ref["bound"] == "step" and ref["step_alone"] == 60.0 and ref["loader_alone"] == 200.0
     assert ref["of_ceiling"] == round(50 / 60, 3)
     assert ref["overlap"] == round((1 / 200 + 1 / 60 - 1 / 50) / (1 / 200), 3)
     assert fast["bound"] == "step" and fast["of_ceiling"] == 0.9  # step 100 < loader 150
+    # A loader 200x faster than the step: no overlap figure (it would be noise / 1/20000).
+    assert synthetic["of_ceiling"] == 0.95 and "overlap" not in synthetic
     assert B.validate_result(report.to_dict()) == []
 
 
