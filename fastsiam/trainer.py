@@ -109,6 +109,10 @@ class Trainer:
             # Leave a core to each loader worker: oversubscribed OpenMP threads spin against the
             # workers and can slow small ops a hundredfold on a busy machine.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.data.workers))
+        if self.device.type == "cuda":
+            # cuDNN autotuning picks the fastest kernels for the fixed input shape; off when
+            # the run must be bit-reproducible.
+            torch.backends.cudnn.benchmark = not cfg.train.deterministic
         if cfg.train.deterministic:
             # Bit-reproducible: deterministic kernels, and one intra-op thread on the CPU, since
             # a reduction split over another number of threads rounds differently.

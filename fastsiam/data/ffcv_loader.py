@@ -22,11 +22,13 @@ Resume: mid-epoch, exactly, for both orders: the order is a function of (seed, e
 the crops of (seed, epoch, sample, view), so a resumed epoch skips the consumed batches and
 continues with the same samples and crops.
 
-Note: FFCV sets the process's torch CPU threads to ``workers`` when it starts an epoch.
+Note: FFCV sets the process's torch CPU threads to ``workers`` when it starts an epoch; this
+backend restores the caller's setting right after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -125,7 +127,8 @@ class FFCVTwoViewLoader(Loader):
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
         if self.decoder is not None:
             self.decoder.set_epoch(self.sampler.epoch)
-        epoch = iter(self.ffcv_loader)
+        with _keep_torch_threads():
+            epoch = iter(self.ffcv_loader)
         try:
             for images, labels in _guarded(epoch):
                 label = labels.reshape(-1)
@@ -138,6 +141,18 @@ class FFCVTwoViewLoader(Loader):
                 yield TwoViewBatch(*views, label) if self.decoder else EvalBatch(*views, label)
         finally:
             epoch.close()
+
+
+@contextlib.contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Undo FFCV's ``torch.set_num_threads(num_workers)`` (in its Loader's constructor and at
+    every epoch start): the caller's setting stands. The trainer leaves cores to the loader;
+    OpenMP threads oversubscribed against FFCV's decoder threads ran 10x slower on 2 cores."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _owned(block: torch.Tensor) -> torch.Tensor:
@@ -288,17 +303,18 @@ def build(
         label_field, decoder=IntDecoder(), transforms=[ToTensor(), *to_device]
     )
     quasi = order == "quasi_random" and train
-    loader = FFCVLoader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=max(workers, 1),
-        os_cache=os_cache,
-        order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
-        seed=seed,
-        pipelines=pipelines,
-        drop_last=False,
-        batches_ahead=batches_ahead,
-    )
+    with _keep_torch_threads():
+        loader = FFCVLoader(
+            str(path),
+            batch_size=batch_size,
+            num_workers=max(workers, 1),
+            os_cache=os_cache,
+            order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
+            seed=seed,
+            pipelines=pipelines,
+            drop_last=False,
+            batches_ahead=batches_ahead,
+        )
     # The sampler already cut or padded the epoch; FFCV only walks the order it is given.
     loader.traversal_order = SamplerOrder(
         loader, sampler, loader.traversal_order if quasi else None
