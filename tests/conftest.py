@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 # One intra-op thread: on a small shared CPU, OpenMP's spinning threads oversubscribe the cores
 # (loader workers, other processes) and a 0.1 ms op can take 50 ms. Tests are small anyway.
 torch.set_num_threads(1)

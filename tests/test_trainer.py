@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def toy_overrides(toy: Path, **extra: object) -> list[str]:
     base = {
-        "data.train_path": str(toy / "train"), "data.val_path": str(toy / "val"),
+        "data.backend": "pil", "data.train_path": str(toy / "train"), "data.val_path": str(toy / "val"),
         "data.batch_size": 16, "data.workers": 0, "data.image_size": 32,
         "model.backbone": "resnet18", "model.dim": 64, "model.pred_dim": 16,
         "model.sync_bn": False, "optim.lr": 8.0, "train.epochs": 2, "train.amp": "none",
@@ -168,9 +168,9 @@ def test_sigterm_checkpoints_and_resume_matches(toy_imagenet: Path, tmp_path: Pa
     with the same parameters as an uninterrupted one."""
     straight = train(toy_imagenet, tmp_path / "a", **{"train.epochs": 3, "train.log_every": 1})
     wd = tmp_path / "b"
-    cmd = [sys.executable, "-m", "fastsiam", "train", "--config", str(REPO / "configs/simsiam_resnet18_toy-demo.yaml"),
-           "--work-dir", str(wd), *toy_overrides(toy_imagenet, **{"train.epochs": 3, "train.log_every": 1,
-                                                                  "output.work_dir": str(wd)})]
+    config = tmp_path / "same.yaml"  # exactly the uninterrupted run's config
+    config.write_text(load_config(None, toy_overrides(toy_imagenet, **{"train.epochs": 3, "train.log_every": 1})).to_yaml())
+    cmd = [sys.executable, "-m", "fastsiam", "train", "--config", str(config), "--work-dir", str(wd)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not (wd / "metrics.jsonl").is_file():
@@ -203,7 +203,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     cfg = REPO / "configs/simsiam_resnet18_toy-demo.yaml"
     assert main(["train", "--config", str(cfg), "--data", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fastsiam train: error: pil loader: data path {tmp_path / 'nope'} does not exist"
+    assert err == f"fastsiam train: error: ffcv loader: data path {tmp_path / 'nope'} does not exist"
 
 
 def test_print_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
