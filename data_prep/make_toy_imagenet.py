@@ -70,10 +70,16 @@ def _luma(rgb: np.ndarray) -> float:
     return float(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
 
 
-def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """A random background-like texture, float32 HxWx3: gradient, stripes, checks or blotches."""
+def _texture(rng: np.random.Generator, w: int, h: int, soft: bool) -> np.ndarray:
+    """A random texture, float32 HxWx3: flat, gradient, blotches, stripes or checks.
+
+    ``soft`` (backgrounds) damps the contrast of stripes and checks: their hard edges must
+    not drown the object's outline, which is the label.
+    """
     c0, c1 = _colour(rng), _colour(rng)
     kind = int(rng.integers(0, 5))
+    if soft and kind in (1, 2):
+        c1 = c0 + rng.uniform(0.25, 0.6) * (c1 - c0)
     if kind == 4:  # flat
         return np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
     if kind == 3:  # smooth blotches: a coarse random field, upsampled bilinearly
@@ -106,11 +112,13 @@ def _fill_colour(rng: np.random.Generator, avoid: float) -> np.ndarray:
 
 
 def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, w: int, h: int) -> None:
+    # Thin lines and small dots: edges that belong to no class, kept sparse enough that a
+    # 1,000-image training set still learns the shapes.
     side = min(w, h)
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         xy = [tuple(rng.uniform(0, 1, 2) * (w, h)) for _ in range(2)]
-        draw.line(xy, fill=tuple(int(v) for v in _colour(rng)), width=int(rng.integers(1, 5)))
-    for _ in range(int(rng.integers(0, 5))):
+        draw.line(xy, fill=tuple(int(v) for v in _colour(rng)), width=int(rng.integers(1, 4)))
+    for _ in range(int(rng.integers(0, 4))):
         cx, cy = rng.uniform(0, 1, 2) * (w, h)
         r = rng.uniform(0.01, 0.035) * side
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in _colour(rng)))
@@ -120,17 +128,19 @@ def paint_image(rng: np.random.Generator, class_index: int, min_side: int,
                 max_side: int) -> Image.Image:
     """One RGB image of class ``class_index``: instances of its shape over a random scene."""
     w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
-    canvas = _texture(rng, w, h)
+    canvas = _texture(rng, w, h, soft=True)
     background_luma = _luma(canvas.reshape(-1, 3).mean(axis=0))
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     _clutter(rng, draw, w, h)
 
     _, layers = class_shape(class_index)
-    count = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+    # Mostly one large object: with ~100 images per class, several small ones per image
+    # leave too little signal to learn (measured with a supervised probe).
+    count = int(rng.choice([1, 2, 3], p=[0.75, 0.2, 0.05]))
     side = min(w, h)
     for _ in range(count):
-        radius = rng.uniform(0.2, 0.4) * side / math.sqrt(count)
+        radius = rng.uniform(0.25, 0.45) * side / math.sqrt(count)
         cx = rng.uniform(0.8 * radius, max(w - 0.8 * radius, 0.8 * radius + 1))
         cy = rng.uniform(0.8 * radius, max(h - 0.8 * radius, 0.8 * radius + 1))
         angle = rng.uniform(0.0, 2.0 * math.pi)
@@ -144,21 +154,21 @@ def paint_image(rng: np.random.Generator, class_index: int, min_side: int,
             pts = [tuple(p) for p in np.stack([c * x - s * y + cx, s * x + c * y + cy], axis=1)]
             mask_draw.polygon(pts, fill=value)
             outlines.append(pts)
-        if rng.random() < 0.6:
+        if rng.random() < 0.85:
             fill: Image.Image | tuple[int, ...] = tuple(
                 int(v) for v in _fill_colour(rng, background_luma))
         else:  # a textured object, itself contrasting with the scene on average
-            tex = _texture(rng, w, h)
+            tex = _texture(rng, w, h, soft=False)
             shift = 80.0 if background_luma < 128 else -80.0
             tex = np.clip(tex + (background_luma + shift - _luma(tex.reshape(-1, 3).mean(0))),
                           0, 255)
             fill = Image.fromarray(tex.astype(np.uint8))
         image.paste(fill, (0, 0), mask)
-        if rng.random() < 0.3:
+        if rng.random() < 0.2:
             edge = tuple(int(v) for v in _colour(rng))
             for pts in outlines:
                 draw.polygon(pts, outline=edge, width=int(rng.integers(1, 4)))
-    if rng.random() < 0.5:
+    if rng.random() < 0.25:
         _clutter(rng, draw, w, h)
     return image
 
