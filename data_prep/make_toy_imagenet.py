@@ -2,9 +2,10 @@
 
 Tests, benchmarks and smoke runs need an ImageNet look-alike that is made in seconds, is
 byte-identical for the same arguments, and still carries a learnable signal. Each class is
-one kind of shape (circle, star, crescent, spiral, ... and parametric stars, frames, blobs
-and gears beyond the named ones), drawn in random colours, sizes, positions and rotations,
-with a few instances and clutter, on a random gradient/texture background. The label lives
+one kind of shape (circle, star, crescent, spiral, ... and, beyond the named ones, outlines
+with holes, rosettes, stars, gears, flowers, ...: see ``toy_shapes``), drawn in random
+colours, sizes, positions and rotations, mostly one large instance and sometimes two or
+three, with sparse clutter, on a random flat/gradient/blotchy/striped/checked background. The label lives
 only in shape and structure: SimSiam's views (Chen & He, "Exploring Simple Siamese
 Representation Learning", CVPR 2021) jitter colours and drop them to grayscale, and every
 colour and background statistic here is drawn from the same distribution for every class.
@@ -49,6 +50,7 @@ except ModuleNotFoundError:  # run as a script: python data_prep/make_toy_imagen
 MAX_WNIDS = 1000
 JPEG_QUALITY = 90
 SUMMARY_NAME = "toy_imagenet.json"
+
 
 def class_wnids(num_classes: int) -> list[str]:
     """ImageNet-like wnids (``n`` + 8 digits), increasing, the same prefix for any count."""
@@ -335,7 +337,8 @@ def _replace_folder(new: Path, root: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (ImageNet layout)")
-    parser.add_argument("--classes", type=int, default=10, help=f"number of classes (<= {num_shapes()})")
+    parser.add_argument("--classes", type=int, default=10,
+                        help=f"number of classes (at most {num_shapes()})")
     parser.add_argument("--train-per-class", type=int, default=100)
     parser.add_argument("--val-per-class", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
