@@ -338,14 +338,9 @@ def build(
         )
     shards = open_shard_folder(path, "dali")
     train = split == "train"
-    sampler = EpochSampler(
-        len(shards),
-        batch_size,
-        shuffle=train,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
+    sampler = EpochSampler.for_split(
+        len(shards), batch_size, split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=drop_last,
     )
     return DALITwoViewLoader(
         shards,

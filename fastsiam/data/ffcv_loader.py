@@ -277,14 +277,9 @@ def build(
         )
     reader = _read_beton(path, image_field, label_field)
     train = split == "train"
-    sampler = EpochSampler(
-        int(reader.num_samples),
-        batch_size,
-        shuffle=train,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
+    sampler = EpochSampler.for_split(
+        int(reader.num_samples), batch_size, split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=drop_last,
     )
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     if train:

@@ -176,9 +176,9 @@ def build(
         view = official_view_transform(image_size, scale, ratio)
     else:
         view = crop_view_transform(image_size, scale, ratio)
-    sampler = EpochSampler(
-        len(folder), batch_size, shuffle=train, seed=seed, rank=rank, world_size=world_size,
-        drop_last=drop_last,
+    sampler = EpochSampler.for_split(
+        len(folder), batch_size, split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=drop_last,
     )
     return PILLoader(TwoViewFolder(folder, view, two_views=train, seed=seed), sampler, workers, device)
 

@@ -57,6 +57,13 @@ class EpochSampler:
                 f"{world_size} rank(s); lower the batch size or set drop_last=False"
             )
 
+    @classmethod
+    def for_split(cls, num_samples: int, batch_size: int, *, split: str, seed: int, rank: int,
+                  world_size: int, drop_last: bool) -> EpochSampler:
+        """The sampler every backend uses: shuffled for ``train``, natural order for ``val``."""
+        return cls(num_samples, batch_size, shuffle=split == "train", seed=seed, rank=rank,
+                   world_size=world_size, drop_last=drop_last)
+
     def rank_indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order."""
         if self.shuffle:

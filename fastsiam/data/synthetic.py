@@ -105,14 +105,9 @@ def build(
             f"{num_samples} and {num_classes}"
         )
     train = split == "train"
-    sampler = EpochSampler(
-        num_samples,
-        batch_size,
-        shuffle=train,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
+    sampler = EpochSampler.for_split(
+        num_samples, batch_size, split=split, seed=seed, rank=rank,
+        world_size=world_size, drop_last=drop_last,
     )
     return SyntheticLoader(
         sampler, image_size=image_size, num_classes=num_classes, two_views=train, device=device
