@@ -12,9 +12,11 @@ drawn from the same distribution for every class.
 
 Why this scene and not one object on a plain background (measured with the demo config,
 ResNet-18 at 64 px, ~750 steps on 2 CPU cores): when an image has its own colours, the
-cheapest feature two crops share is that colour, and SimSiam learns it first, so the kNN
-monitor stayed at chance (10-13%) for every single-object variant tried. Colours drawn per
-instance and per ground cell carry no such cue, and every crop contains the shape.
+cheapest feature two crops share is that colour, and SimSiam learns it first: for every
+single-object variant tried (textured, plain, grey or constant grounds; random, palette or no
+colour) the kNN monitor stayed within a few points of random init (10-18% against 8-15%).
+Colours drawn per instance and per ground cell carry no such cue, and every crop contains the
+shape: the demo then reaches about twice its random-init kNN top-1.
 
 Layout (what ``torchvision.datasets.ImageFolder`` reads, sorted wnid = class index)::
 
