@@ -178,6 +178,10 @@ def plot_variants(result: Result, path: Path) -> Path:
     ax.set_xlabel("images/s (median, min–max over repeats)" + (", log scale" if log else ""))
     ax.set_title(f"{result.benchmark} — {result.data['device_name']}", fontsize=10)
     ax.margins(x=0.15)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -221,11 +225,7 @@ def plot_workers(result: Result, path: Path) -> Path:
     ax.set_title(f"{result.benchmark}: images/s vs workers — {result.data['device_name']}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------- goals

@@ -380,11 +380,7 @@ def validate_result(data: Any) -> list[str]:
     if not isinstance(data, dict):
         return [f"top level must be an object, got {type(data).__name__}"]
     problems = [f"non-finite number at {where}" for where in _non_finite(data, "")]
-    for key, types in _TOP_TYPES.items():
-        if key not in data:
-            problems.append(f"missing key '{key}'")
-        elif not isinstance(data[key], types) or isinstance(data[key], bool):
-            problems.append(f"'{key}' must be {_names(types)}, got {data[key]!r:.60}")
+    problems += _type_problems(data, _TOP_TYPES)
     if problems:
         return problems
     if data["schema"] != SCHEMA_VERSION:
@@ -406,15 +402,21 @@ def validate_result(data: Any) -> list[str]:
     return problems
 
 
+def _type_problems(obj: dict, expected: dict[str, Any]) -> list[str]:
+    """A missing key or a value of the wrong type (bool never counts as a number), per key."""
+    problems = []
+    for key, types in expected.items():
+        if key not in obj:
+            problems.append(f"missing key '{key}'")
+        elif not isinstance(obj[key], types) or isinstance(obj[key], bool):
+            problems.append(f"'{key}' must be {_names(types)}, got {obj[key]!r:.60}")
+    return problems
+
+
 def _row_problems(row: Any) -> list[str]:
     if not isinstance(row, dict):
         return [f"must be an object, got {type(row).__name__}"]
-    problems = []
-    for key, types in _ROW_TYPES.items():
-        if key not in row:
-            problems.append(f"missing key '{key}'")
-        elif not isinstance(row[key], types) or isinstance(row[key], bool):
-            problems.append(f"'{key}' must be {_names(types)}, got {row[key]!r:.60}")
+    problems = _type_problems(row, _ROW_TYPES)
     if problems:
         return problems
     samples = row["samples"]
