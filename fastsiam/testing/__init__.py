@@ -1,0 +1,1 @@
+"""Tools to check the GPU code paths on a machine without a GPU: :mod:`fastsiam.testing.fake_cuda`."""
