@@ -16,11 +16,19 @@ from fastsiam.step import GraphStep, LossScaler, Step, StepOutput, build_step
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+_DEVICE_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def normalize(batch: TwoViewBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """A deterministic stand-in for SimSiamAugment: uint8 -> normalized float32."""
-    mean, std = MEAN.to(batch.view1.device), STD.to(batch.view1.device)
+    """A deterministic stand-in for SimSiamAugment: uint8 -> normalized float32.
+
+    The constants are copied to a device once (on the first, eager call): a copy from the host
+    inside a captured CUDA graph fails the capture.
+    """
+    device = batch.view1.device
+    if device not in _DEVICE_CONSTANTS:
+        _DEVICE_CONSTANTS[device] = MEAN.to(device), STD.to(device)
+    mean, std = _DEVICE_CONSTANTS[device]
     return (batch.view1.float() - mean) / std, (batch.view2.float() - mean) / std
 
 

@@ -206,6 +206,12 @@ class SimSiamAugment(nn.Module):
                 # (x - mean) / std as one multiply-add: x * (1 / std) + (-mean / std)
                 "scale": torch.tensor([1.0 / s for s in self.std], **f32).view(1, 3, 1, 1),
                 "shift": torch.tensor([-m / s for m, s in zip(self.mean, self.std)], **f32).view(1, 3, 1, 1),
+                # Column indices of the enabled ColorJitter ops, as device tensors: indexing a
+                # CUDA tensor with a Python list builds the index on the host and copies it,
+                # which a captured CUDA graph cannot do.
+                "generic": torch.tensor(self._generic, dtype=torch.long, device=device),
+                "jitter_ops": torch.tensor(self._generic + ([HUE] if self._hue_on else []),
+                                           dtype=torch.long, device=device),
             }
             self._consts[device] = consts
         return consts
@@ -258,9 +264,9 @@ class SimSiamAugment(nn.Module):
 
     def _color_jitter(self, x: Tensor, params: AugParams) -> Tensor:
         """ColorJitter in each sample's own order, as the ``G.. H G..`` schedule (module doc)."""
-        ops = self._generic + ([HUE] if self._hue_on else [])
+        c = self._constants(x.device)
         m = len(self._generic)
-        rank = params.order.argsort(dim=1)[:, ops]  # when each enabled op comes, in 0..3
+        rank = params.order.argsort(dim=1).index_select(1, c["jitter_ops"])  # when each enabled op comes, in 0..3
         pos = (rank.unsqueeze(1) < rank.unsqueeze(2)).sum(dim=2)  # ... among the enabled ops
         gpos = pos[:, :m]
         if self._hue_on:
@@ -271,7 +277,7 @@ class SimSiamAugment(nn.Module):
             slot = gpos
             schedule = list(range(m))
         jitter = params.jitter
-        factors = params.factors[:, self._generic]
+        factors = params.factors.index_select(1, c["generic"])
         for step in schedule:
             if step is None:
                 hued = AF.adjust_hue(x, params.factors[:, HUE])
