@@ -291,8 +291,10 @@ class Trainer:
             if not (len(losses) >= cfg.train.log_every or end_of_epoch or hit_max or stop_now):
                 continue
             elapsed = time.perf_counter() - window_start
-            loss_vals = dist.all_reduce_mean(torch.stack(losses).float(), self.dist).cpu()
-            z = dist.all_reduce_mean(torch.stack(stds).float(), self.dist).mean().item()
+            # One copy to the host (the only sync of the window), and one all-reduce under DDP.
+            window = torch.stack([torch.stack(losses), torch.stack(stds)]).float()
+            window = dist.all_reduce_mean(window, self.dist).cpu()
+            loss_vals, z = window[0], window[1].mean().item()
             self._check_finite(loss_vals, first_step=self.step - len(losses))
             loss = loss_vals.mean().item()
             loss_sum += loss_vals.sum().item()

@@ -4,8 +4,8 @@ For training-step benchmarks, which must measure the step and not the input pipe
 batch is drawn with ``torch.randint`` directly on the training device, in the contract's
 layout (uint8, channels_last), so no host work or copy is involved. Epochs, sharding and
 resume go through the same :class:`~fastsiam.data.sampler.EpochSampler` as the real loaders;
-a batch's pixels are a function of (seed, epoch, rank, batch) and a sample's label of its
-index, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+a batch's pixels and labels are a function of (seed, epoch, rank, batch), so a resumed run
+sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.data.crops import derive_seed, sample_keys
+from fastsiam.data.crops import derive_seed
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 
@@ -64,16 +63,12 @@ class SyntheticLoader(Loader):
         s = self.sampler
         for b, indices in enumerate(s, start=s.start_batch):
             self._generator.manual_seed(derive_seed(s.seed, s.epoch, s.rank, b))
-            # The label of a sample is fixed (a hash of its index), like a real dataset's.
-            keys = sample_keys(s.seed, 0, indices, 0)
-            label = torch.from_numpy((keys % np.uint64(self.num_classes)).astype(np.int64))
-            label = label.to(self.device, non_blocking=True)
-            if self.two_views:
-                v1, v2 = self._views(2, len(indices))
-                yield TwoViewBatch(v1, v2, label)
-            else:
-                (v,) = self._views(1, len(indices))
-                yield EvalBatch(v, label)
+            views = self._views(2 if self.two_views else 1, len(indices))
+            # Labels are drawn on the device too: a label built on the host would be a copy
+            # from pageable memory in every step.
+            label = torch.randint(0, self.num_classes, (len(indices),), device=self.device,
+                                  generator=self._generator)
+            yield TwoViewBatch(*views, label) if self.two_views else EvalBatch(*views, label)
 
 
 def build(
