@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsiam.augment import to_normalized
+from fastsiam.augment.functional import hflip
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
@@ -226,13 +227,6 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def random_hflip(view: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
-    """Flip each image of ``[B,3,H,W]`` horizontally with probability ``p`` (drawn on the CPU
-    from ``generator``, so the flips do not depend on the device)."""
-    flip = (torch.rand(len(view), generator=generator) < p).to(view.device)
-    return torch.where(flip[:, None, None, None], view.flip(-1), view)
-
-
 def classifier_logits_fn(model: LinearClassifier, device: torch.device, amp: str) -> FeatureFn:
     """``x -> logits``: the backbone under :func:`autocast`, the head in float32; training
     and testing both score through this, so they agree exactly on the same device."""
@@ -301,7 +295,7 @@ def train_linear(
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    flips = torch.Generator().manual_seed(cfg.train.seed)
+    flip_generator = torch.Generator().manual_seed(cfg.train.seed)
     mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     step, result = 0, {}
@@ -313,6 +307,9 @@ def train_linear(
             train_loader.set_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             seen = 0
+            # The epoch's flips, drawn on the host (so they do not depend on the device) and
+            # copied once: a copy per batch would make the host wait for the device each time.
+            flips = (torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5).to(device)
             for views in train_loader:
                 if step >= total:
                     break
@@ -320,7 +317,8 @@ def train_linear(
                 if view.is_floating_point():
                     raise ValueError("linear evaluation needs plain crops, but the loader delivered augmented "
                                      "float views; for the pil backend set data.options.augment=crop")
-                x = normalize_view(random_hflip(view.to(device), flips), mean, std)
+                flip = flips[seen * batch:seen * batch + len(view)]
+                x = normalize_view(hflip(view.to(device), flip), mean, std)
                 x = x.contiguous(memory_format=memory_format)
                 schedule.set(step)
                 with torch.no_grad(), autocast(device, amp):

@@ -351,7 +351,7 @@ class Trainer:
             res = knn_evaluate(
                 self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
                 temperature=self.cfg.eval.knn_temperature, device=self.device,
-                mean=self.cfg.aug.mean, std=self.cfg.aug.std,
+                mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp,
             )
             self.model.train(was_training)
             self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,

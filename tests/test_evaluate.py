@@ -254,19 +254,6 @@ def test_classifier_head_init_and_frozen_backbone_mode():
     assert not any(m.training for m in clf.backbone.modules())
 
 
-def test_random_hflip_flips_the_drawn_images():
-    from fastsiam.evaluate import random_hflip
-
-    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4).repeat(8, 1, 1, 1)
-    out = random_hflip(x, torch.Generator().manual_seed(0))
-    flipped = [bool(torch.equal(o, xi.flip(-1))) for o, xi in zip(out, x)]
-    kept = [bool(torch.equal(o, xi)) for o, xi in zip(out, x)]
-    assert all(f != k for f, k in zip(flipped, kept))
-    assert 0 < sum(flipped) < len(x)
-    ref = torch.rand(len(x), generator=torch.Generator().manual_seed(0)) < 0.5
-    assert flipped == ref.tolist()
-
-
 def test_run_knn_from_a_checkpoint(tmp_path):
     """``fastsiam knn`` end to end: bank from the train folder, val classified."""
     import torchvision

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastsiam.config import load_config
 from fastsiam.metrics import progress
@@ -59,3 +60,18 @@ def test_loop_syncs_once_per_log_point(mode: str, tmp_path: Path) -> None:
     if mode == "graph":
         assert trace.kernels(CAPTURE) > 500  # captured once, on the first batch
         assert trace.counts("first step")["launch"] + trace.counts("step")["launch"] == STEPS
+
+
+def test_knn_monitor_extracts_features_under_autocast(tmp_path: Path) -> None:
+    cfg = load_config(None, [
+        "data.backend=synthetic", "data.batch_size=4", "data.image_size=32", "data.workers=0",
+        "data.val_path=unused-by-synthetic", "data.options={num_samples: 8, num_classes: 2}",
+        "model.backbone=resnet18", "model.dim=64", "model.pred_dim=16", "model.small_input=true",
+        "train.device=cuda", "train.amp=bf16", "eval.knn_every=1", "eval.knn_k=2",
+    ])
+    with fake_cuda():
+        trainer = Trainer(cfg, work_dir=tmp_path / "run")
+        dtypes = []
+        trainer.model.backbone.layer4.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        trainer._knn("test")
+    assert dtypes == [torch.bfloat16] * 4  # 2 bank batches + 2 val batches

@@ -332,14 +332,27 @@ class SimSiamAugment(nn.Module):
         return x.to(dtype=self.out_dtype, memory_format=fmt)
 
 
+_NORMALIZE_CONSTANTS: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+
+
 def to_normalized(
     img_uint8: Tensor,
     mean: tuple[float, ...] | list[float] | Tensor,
     std: tuple[float, ...] | list[float] | Tensor,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """uint8 ``[B, 3, H, W]`` -> ``(img / 255 - mean) / std`` in ``dtype``, channels_last."""
+    """uint8 ``[B, 3, H, W]`` -> ``(img / 255 - mean) / std`` in ``dtype``, channels_last.
+
+    Sequences ``mean``/``std`` become device tensors once per device and reused: a copy from
+    the host in every evaluation batch would make the host wait for the device each time.
+    """
     if img_uint8.dtype != torch.uint8 or img_uint8.dim() != 4 or img_uint8.shape[1] != 3:
         raise ValueError(f"to_normalized: expected uint8 images [B, 3, H, W], got {img_uint8.dtype} {list(img_uint8.shape)}")
+    if not isinstance(mean, Tensor) and not isinstance(std, Tensor):
+        key = (tuple(float(m) for m in mean), tuple(float(s) for s in std), img_uint8.device)
+        if key not in _NORMALIZE_CONSTANTS:
+            _NORMALIZE_CONSTANTS[key] = tuple(  # type: ignore[assignment]
+                torch.tensor(v, dtype=torch.float32, device=img_uint8.device) for v in key[:2])
+        mean, std = _NORMALIZE_CONSTANTS[key]
     x = img_uint8.to(torch.float32).mul_(1.0 / 255.0)
     return AF.normalize(x, mean, std).to(dtype=dtype, memory_format=torch.channels_last)
