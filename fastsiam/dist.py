@@ -7,11 +7,16 @@ fastsiam never launches processes itself: ``torchrun --nproc-per-node G [--nnode
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch import nn
+
+log = logging.getLogger("fastsiam")
+NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 @dataclass(frozen=True)
@@ -47,15 +52,46 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(backend: str, device: torch.device) -> DistInfo:
-    """Join torchrun's process group (no-op for a single process)."""
+def init_distributed(backend: str, device: torch.device, *, capture: bool = False) -> DistInfo:
+    """Join torchrun's process group (no-op for a single process).
+
+    ``capture``: the training step will be captured as a CUDA graph with DDP's all-reduce in
+    it. PyTorch's CUDA-graph notes ("Usage with DistributedDataParallel") then ask for NCCL's
+    asynchronous error handling off (``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``) before the process
+    group is created: its watchdog thread polls each collective's CUDA event, and an event
+    query from another thread while a stream is capturing invalidates the capture.
+    """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo()
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    if capture and backend == "nccl":
+        previous = os.environ.get(NCCL_ASYNC_ERROR_HANDLING)
+        if previous not in (None, "0"):
+            log.warning("train.step=graph with DDP: setting %s=0 (was %s), as CUDA graphs need",
+                        NCCL_ASYNC_ERROR_HANDLING, previous)
+        os.environ[NCCL_ASYNC_ERROR_HANDLING] = "0"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, *, capture: bool = False) -> nn.Module:
+    """``DistributedDataParallel(model)``; with ``capture`` (a CUDA-graph step) on CUDA,
+    constructed inside a side-stream context, a condition of PyTorch's CUDA-graph notes
+    ("Usage with DistributedDataParallel"): the constructor's collectives (the parameter
+    broadcast) then do not run on the default stream, which a later capture must not depend on.
+    """
+    device_ids = [device.index] if device.type == "cuda" else None
+    if not (capture and device.type == "cuda"):
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    current.wait_stream(side)
+    return wrapped
 
 
 def local_rank_from_env() -> int:

@@ -38,6 +38,7 @@ from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.step import build_step
+from fastsiam.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("fastsiam")
 
@@ -103,7 +104,10 @@ class Trainer:
         self.resume = resume
         local_rank = dist.local_rank_from_env()
         self.device = dist.resolve_device(cfg.train.device, local_rank)
-        self.dist = dist.init_distributed(cfg.dist.backend, self.device)
+        # A captured step (train.step=graph on CUDA) captures DDP's all-reduce too, which asks
+        # for settings made before the process group and the DDP wrapper exist (fastsiam.dist).
+        capture = cfg.train.step == "graph" and self.device.type == "cuda"
+        self.dist = dist.init_distributed(cfg.dist.backend, self.device, capture=capture)
         self._seed_everything(cfg.train.seed + self.dist.rank)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to each loader worker: oversubscribed OpenMP threads spin against the
@@ -130,14 +134,13 @@ class Trainer:
         self.model.to(self.device, memory_format=memory_format)
         self.train_module: nn.Module = self.model
         if self.dist.enabled:
-            if cfg.model.sync_bn and self.device.type == "cuda":
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # type: ignore[assignment]
-            elif cfg.model.sync_bn and self.dist.is_main:
-                log.warning("model.sync_bn: SyncBatchNorm needs CUDA; BatchNorm stays per process on %s",
-                            self.device)
-            self.train_module = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
+            if cfg.model.sync_bn:
+                # fastsiam's SyncBatchNorm: no host sync per layer, capturable, gloo and NCCL.
+                convert_sync_batchnorm(self.model)
+                if self.dist.is_main:
+                    log.info("model.sync_bn: BatchNorm statistics over the global batch (%d processes)",
+                             self.dist.world_size)
+            self.train_module = dist.wrap_ddp(self.model, self.device, capture=capture)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.peak_lr = cfg.optim.lr * self.global_batch / 256
         self.optimizer = build_optimizer(self.model, cfg.optim, lr=self.peak_lr, device=self.device)

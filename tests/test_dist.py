@@ -1,4 +1,5 @@
-"""DDP under torchrun with two CPU processes (gloo): trains, scales the lr, rank 0 records."""
+"""DDP under torchrun with two CPU processes (gloo): trains with SyncBatchNorm, scales the lr,
+rank 0 records; the process-group and DDP setup a CUDA-graph step needs."""
 
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ def test_torchrun_two_processes(toy_imagenet: Path, tmp_path: Path) -> None:
         "--max-steps", "4", "data.backend=pil", f"data.train_path={toy_imagenet / 'train'}", f"data.val_path={toy_imagenet / 'val'}",
         "data.batch_size=8", "data.workers=0", "data.image_size=32", "model.dim=64", "model.pred_dim=16",
         "optim.lr=0.4", "train.log_every=1", "eval.knn_every=0", "train.epochs=2",
+        "model.sync_bn=true",  # fastsiam's SyncBatchNorm, over gloo
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "BatchNorm statistics over the global batch (2 processes)" in proc.stderr
     # 48 images / (2 ranks x 8) = 3 steps per epoch; step 4 is mid-epoch 2
     state = load_checkpoint(wd / "step_00000004.pt")
     assert state["world_size"] == 2 and state["step"] == 4 and state["epoch"] == 1
@@ -46,3 +49,48 @@ def test_torchrun_two_processes(toy_imagenet: Path, tmp_path: Path) -> None:
     model = SimSiam("resnet18", dim=64, pred_dim=16)
     model.load_state_dict(state["model"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_graph_step_sets_nccl_async_error_handling_off_before_the_group(monkeypatch) -> None:
+    """train.step=graph under DDP: TORCH_NCCL_ASYNC_ERROR_HANDLING=0 is in the environment
+    when the NCCL process group is created (PyTorch's condition for capturing DDP)."""
+    import fastsiam.dist as D
+
+    seen = {}
+
+    def init_process_group(backend, device_id=None):
+        seen["backend"], seen["env"] = backend, os.environ.get(D.NCCL_ASYNC_ERROR_HANDLING)
+
+    monkeypatch.setattr(D.torch_dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(D.torch_dist, "is_initialized", lambda: "backend" in seen)
+    monkeypatch.setattr(D.torch_dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(D.torch_dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(D.NCCL_ASYNC_ERROR_HANDLING, "1")
+    info = D.init_distributed("auto", torch.device("cuda", 0), capture=True)
+    assert seen == {"backend": "nccl", "env": "0"} and info.world_size == 2
+    seen.clear()
+    monkeypatch.setenv(D.NCCL_ASYNC_ERROR_HANDLING, "1")
+    D.init_distributed("auto", torch.device("cuda", 0), capture=False)  # eager: left alone
+    assert seen == {"backend": "nccl", "env": "1"}
+
+
+def test_ddp_for_a_graph_step_is_built_on_a_side_stream(monkeypatch) -> None:
+    import fastsiam.dist as D
+    from fastsiam.testing.fake_cuda import fake_cuda
+
+    built_on = []
+
+    class SpyDDP(torch.nn.Module):
+        def __init__(self, module, device_ids=None):
+            super().__init__()
+            built_on.append(torch.cuda.current_stream())
+
+    monkeypatch.setattr(D.nn.parallel, "DistributedDataParallel", SpyDDP)
+    with fake_cuda():
+        model = torch.nn.Linear(2, 2).to("cuda")
+        default = torch.cuda.current_stream()
+        D.wrap_ddp(model, torch.device("cuda", 0), capture=True)
+        D.wrap_ddp(model, torch.device("cuda", 0), capture=False)
+    assert built_on[0] is not default and built_on[1] is default
