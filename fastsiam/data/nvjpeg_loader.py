@@ -181,6 +181,38 @@ class NVJPEGLoader(Loader):
         nchw = out.permute(0, 3, 1, 2)
         return TwoViewBatch(*nchw.split(n), label) if self.train else EvalBatch(nchw, label)
 
+    def _make_device_batch(
+        self,
+        epoch: int,
+        indices: list[int],
+        data: list[torch.Tensor],
+        pool: ThreadPoolExecutor,
+        stream: torch.cuda.Stream,
+    ) -> tuple[TwoViewBatch | EvalBatch, torch.cuda.Event]:
+        """Decode and crop a batch on the side ``stream``; the event marks it done.
+
+        torchvision's CUDA ``decode_jpeg`` allocates its outputs from the caching allocator on
+        the current (side) stream but writes them on its own stream, which does not wait for
+        ``stream``: a block that the previous batch's crop-resize freed could be handed to the
+        decoder while that kernel is still queued, and overwritten under it. So the side stream
+        is drained first; this thread waits, the training stream does not.
+        """
+        stream.synchronize()
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            batch = self._make_batch(epoch, indices, data, pool)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return batch, ready
+
+    def _hand_over(self, batch: TwoViewBatch | EvalBatch, ready: torch.cuda.Event) -> TwoViewBatch | EvalBatch:
+        """The consumer's stream waits for the side stream's batch (no host wait), and the
+        caching allocator must not give the batch's memory back to the side stream in use."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        for t in batch:
+            t.record_stream(current)
+        return batch
+
     # ------------------------------------------------------------------ threads
 
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
@@ -222,11 +254,7 @@ class NVJPEGLoader(Loader):
                     if stream is None:
                         put(out_q, (self._make_batch(epoch, indices, data, decode_pool), None))
                         continue
-                    with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                        batch = self._make_batch(epoch, indices, data, decode_pool)
-                        ready = torch.cuda.Event()
-                        ready.record(stream)
-                    if not put(out_q, (batch, ready)):
+                    if not put(out_q, self._make_device_batch(epoch, indices, data, decode_pool, stream)):
                         return
             except BaseException as e:
                 put(out_q, e)
@@ -245,14 +273,7 @@ class NVJPEGLoader(Loader):
                 if isinstance(item, BaseException):
                     raise item
                 batch, ready = item
-                if ready is not None:
-                    # The consumer's stream waits for the side stream, and the caching allocator
-                    # must not hand the batch's memory back to the side stream while in use.
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(ready)
-                    for t in batch:
-                        t.record_stream(current)
-                yield batch
+                yield batch if ready is None else self._hand_over(batch, ready)
         finally:
             stop.set()
             for q in (read_q, out_q):  # unblock a stage waiting on a full queue

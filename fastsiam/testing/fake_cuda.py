@@ -40,6 +40,7 @@ are listed in :data:`OPAQUE_OPS` and recorded as one kernel without running.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 import traceback
@@ -331,12 +332,17 @@ class _FakeEvent:
         return 0.0
 
 
-class _FakeStream:
-    def __init__(self, runtime: _FakeRuntime, device: Any = None, priority: int = 0,
-                 **kwargs: Any) -> None:
+class _FakeStream(torch.Stream):
+    """A ``torch.Stream`` of device ``cuda:0`` (so ``Tensor.record_stream`` accepts it) whose
+    methods never reach the driver."""
+
+    _ids = itertools.count(1)
+
+    def __new__(cls, runtime: _FakeRuntime, *args: Any, **kwargs: Any) -> _FakeStream:
+        return super().__new__(cls, stream_id=next(cls._ids), device_index=0, device_type=1)
+
+    def __init__(self, runtime: _FakeRuntime, *args: Any, **kwargs: Any) -> None:
         self._runtime = runtime
-        self.device = torch.device("cuda", 0)
-        self.priority = priority
 
     def wait_stream(self, stream: Any) -> None:
         pass
@@ -344,7 +350,7 @@ class _FakeStream:
     def wait_event(self, event: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> _FakeEvent:
+    def record_event(self, event: Any = None) -> Any:
         return event if event is not None else _FakeEvent(self._runtime)
 
     def query(self) -> bool:
