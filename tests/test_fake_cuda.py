@@ -85,8 +85,20 @@ def test_graph_capture_region_replay_and_streams() -> None:
 
 def test_backward_without_the_engine_matches_autograd() -> None:
     """The fake runtime's backward (nodes called from Python) gives the engine's gradients:
-    checked on real CPU tensors, with broadcasting, a shared input and a dtype cast."""
+    checked on real CPU tensors, with broadcasting, a shared input, a dtype cast and a custom
+    autograd Function."""
     from fastsiam.testing.fake_cuda import _backward
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**3
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x * x * grad
 
     def grads(backward) -> list[torch.Tensor]:
         torch.manual_seed(0)
@@ -94,7 +106,7 @@ def test_backward_without_the_engine_matches_autograd() -> None:
         b = torch.randn(3, requires_grad=True)
         x = torch.randn(4, 5)
         h = x @ w + b                                   # b is broadcast
-        loss = (h.relu() * h).sum() + h.to(torch.float64).square().mean()
+        loss = (h.relu() * h).sum() + h.to(torch.float64).square().mean() + Cube.apply(h).sum()
         backward(loss)
         return [w.grad, b.grad]
 

@@ -132,3 +132,30 @@ def test_the_cuda_tests_stand_in_augmentation_captures() -> None:
                           mode="graph")
         step(make_batch(device="cuda"))
     trace.assert_clean(CAPTURE)
+
+
+def test_step_with_sync_batchnorm_captures_its_collectives() -> None:
+    """fastsiam's SyncBatchNorm (two processes, on torch's fake process group) inside the
+    captured step: no host sync, and one all-reduce per BatchNorm layer and view each way.
+    torch's own SyncBatchNorm cannot be traced here (its CUDA kernels have no fake kernels); it
+    masks ``count_all`` on the host in every layer (114 syncs for these two views)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from fastsiam.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with fake_cuda() as trace:
+            model = convert_sync_batchnorm(SimSiam("resnet50", dim=64, pred_dim=16))
+            model.to("cuda", memory_format=torch.channels_last)
+            layers = sum(isinstance(m, SyncBatchNorm) for m in model.modules())
+            opt = build_optimizer(model, OptimConfig(impl="foreach"), lr=0.05, device="cuda")
+            augment = SimSiamAugment(out_dtype=torch.bfloat16)
+            step = build_step(model, opt, augment, device="cuda", amp="bf16", mode="graph")
+            step(_views(4, 32, floating=False, channels_last=True))
+    finally:
+        dist.destroy_process_group()
+    trace.assert_clean(CAPTURE)
+    reduces = [op for op in trace.select(CAPTURE) if op.name.startswith("c10d.allreduce_")]
+    assert layers == 57 and len(reduces) == 2 * 2 * layers  # forward + backward, two views

@@ -430,7 +430,8 @@ def _backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
                 outputs: Any = ()
             elif inputs_:
                 args = [inputs_.get(i) for i in range(len(node._input_metadata))]
-                outputs = node(*args)
+                # C++ nodes are callable; a custom Function's node runs its backward by apply.
+                outputs = node(*args) if callable(node) else node.apply(*args)
                 outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
             else:
                 outputs = [None] * len(node.next_functions)
