@@ -27,11 +27,12 @@ Decisions:
 - **DDP.** The step calls the wrapped module's forward, so DDP's gradient all-reduce runs in
   backward. With ``mode="graph"`` the all-reduce is captured too, which PyTorch supports
   under these conditions (CUDA semantics notes, "Usage with DistributedDataParallel"): NCCL
-  >= 2.9.6, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` set before ``init_process_group``, DDP
-  constructed inside a side-stream context (``with torch.cuda.stream(s): DDP(model)``) and
-  at least 11 eager DDP iterations before capture (this step warms up 11 times when it sees a
-  DDP module). SyncBatchNorm's collectives are then captured as well. Eager DDP has no
-  conditions.
+  >= 2.9.6, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0`` set before ``init_process_group`` and DDP
+  constructed inside a side-stream context (both done by :mod:`fastsiam.dist` for a graph
+  step), and at least 11 eager DDP iterations before capture (this step warms up 11 times
+  when it sees a DDP module). The collectives of :mod:`fastsiam.sync_batchnorm` are then
+  captured as well (torch's SyncBatchNorm would also capture, but syncs in eager mode).
+  Eager DDP has no conditions.
 """
 
 from __future__ import annotations
