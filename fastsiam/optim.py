@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules whose learning rate lives on the device.
 
-Every parameter group's ``lr`` is a 0-dim float32 tensor on the parameters' device. The
-schedule writes it in place (``fill_``, no host synchronization), so a training step captured
+In :class:`SGD` and :class:`LARS` every parameter group's ``lr`` is a 0-dim float32 tensor on
+the parameters' device (``torch.optim.SGD``, the reference, keeps floats). The schedule writes
+it in place (``fill_``, no host synchronization), so a training step captured
 once as a CUDA graph follows the schedule on every replay without re-capture.
 
 - :class:`SGD`: momentum SGD with weight decay, numerically the update of
@@ -298,20 +299,19 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, lr: float,
                     device: torch.device | str) -> torch.optim.Optimizer:
     """The optimizer of ``optim_cfg`` over :func:`build_param_groups`, at peak ``lr``.
 
-    ``lr`` is the already batch-scaled peak rate (``optim.lr x global_batch / 256``). Every
-    group's lr is its own 0-dim tensor on ``device``. ``optim.impl``: ``auto`` (fused on CUDA,
-    foreach elsewhere), ``foreach``, ``fused``, ``torch`` (plain ``torch.optim.SGD``, the
-    benchmarks' reference; not graph-capturable) or ``apex`` (NVIDIA apex's FusedSGD, only
-    when apex is installed). LARS has one implementation (multi-tensor): ``auto`` or
-    ``foreach``.
+    ``lr`` is the already batch-scaled peak rate (``optim.lr x global_batch / 256``). With
+    fastsiam's SGD and LARS every group's lr is its own 0-dim tensor on ``device``; the other
+    implementations keep Python floats. ``optim.impl``:
+    ``auto`` (fused on CUDA, foreach elsewhere), ``foreach``, ``fused``, ``torch`` (plain
+    ``torch.optim.SGD`` with float lrs, the official recipe and the benchmarks' reference;
+    not graph-capturable) or ``apex`` (NVIDIA apex's FusedSGD, only when apex is installed).
+    LARS has one implementation (multi-tensor): ``auto`` or ``foreach``.
     """
     device = torch.device(device)
     impl = resolve_impl(optim_cfg.impl, device)
     groups = build_param_groups(model, weight_decay=optim_cfg.weight_decay,
                                 fix_pred_lr=optim_cfg.fix_pred_lr,
                                 exclude_1d=optim_cfg.exclude_1d_from_wd)
-    for g in groups:
-        g["lr"] = _as_lr_tensor(lr, device)
     if optim_cfg.name == "lars":
         if optim_cfg.impl not in ("auto", "foreach"):
             raise ConfigError(f"optim.impl={optim_cfg.impl!r} is not available for LARS; "
@@ -323,6 +323,8 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, *, lr: float,
     if optim_cfg.name != "sgd":
         raise ConfigError(f"optim.name must be sgd or lars, got {optim_cfg.name!r}")
     if impl == "torch":
+        # Float lrs, which LRSchedule writes as they are: torch.optim.SGD reads a tensor lr
+        # with .item() in every step, a host sync on CUDA that the official recipe lacks.
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum,
                                weight_decay=optim_cfg.weight_decay)
     if impl == "apex":

@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastsiam.config import ConfigError, OptimConfig, ScheduleConfig
 from fastsiam.model import SimSiam
@@ -242,6 +243,47 @@ def test_schedule_drives_plain_torch_sgd_too() -> None:
                               steps_per_epoch=2)
     schedule.set(2)
     assert all(float(g["lr"]) == pytest.approx(0.5) for g in opt.param_groups)
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Every aten op dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_in_one_step(opt: torch.optim.Optimizer, model: nn.Module) -> int:
+    """``aten._local_scalar_dense`` calls (``.item()``: a host sync on CUDA) in one step."""
+    for step in range(2):  # the second step's count: the first one creates the momentum buffers
+        model.zero_grad()
+        _loss(model, step).backward()
+        with _OpRecorder() as rec:
+            opt.step()
+    return sum(op is torch.ops.aten._local_scalar_dense.default for op in rec.ops)
+
+
+def test_torch_impl_keeps_float_lrs_and_steps_without_reading_the_host() -> None:
+    model = Tiny()
+    opt = build_optimizer(model, OptimConfig(impl="torch"), lr=0.2, device="cpu")
+    assert all(type(g["lr"]) is float and g["lr"] == 0.2 for g in opt.param_groups)
+    schedule = build_schedule(ScheduleConfig(name="cosine"), opt, base_lr=0.2, epochs=2,
+                              steps_per_epoch=2)
+    schedule.set(2)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["encoder"] == pytest.approx(0.1) and lrs["predictor"] == 0.2  # fix_pred_lr
+    assert all(type(lr) is float for lr in lrs.values())
+    assert _host_reads_in_one_step(opt, model) == 0
+    # The contrast: torch.optim.SGD with tensor lrs reads them back in every step.
+    tensor_lr = Tiny()
+    groups = build_param_groups(tensor_lr, weight_decay=1e-4, fix_pred_lr=True, exclude_1d=True)
+    for g in groups:
+        g["lr"] = torch.tensor(0.2)
+    assert _host_reads_in_one_step(torch.optim.SGD(groups, lr=0.2, momentum=0.9), tensor_lr) > 0
 
 
 def test_load_state_dict_copies_into_existing_tensors() -> None:
