@@ -25,19 +25,25 @@ threads. Variants run one after another: a warm-up (compilation, worker start-up
 batches prefetched meanwhile), then ``--repeats`` timed windows of ``--iters`` batches back to
 back, so no window gets batches made while the loader idled; the loader is then closed.
 
+A variant that fails is recorded with its error (``out of memory`` for a device OOM) and the
+next one runs; the exit status is 1 if any failed. The JSON is written after every variant,
+so a run stopped by a timeout keeps what it measured. ``--data`` with ``--shards`` reads data
+prepared elsewhere (the GPU suite's data stage, ``end_to_end.py --prepare-only``) as it is.
+
     python benchmarks/loaders.py                        # all installed backends, toy data
     python benchmarks/loaders.py --backends ffcv_stock,ffcv --workers 8 --batch-size 256
     python benchmarks/loaders.py --smoke                # tiny, one variant per code path (CI)
+    python benchmarks/loaders.py --backends nvjpeg --data DIR/train --shards DIR/shards
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import io
 import os
-import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -50,7 +56,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import _data  # noqa: E402
-from fastsiam.benchmark import BenchmarkReport, Measurement, measure  # noqa: E402
+from fastsiam.benchmark import (  # noqa: E402
+    BenchmarkReport,
+    Measurement,
+    error_message,
+    measure,
+)
 from fastsiam.data import build_loader  # noqa: E402
 
 # variant -> (library it needs, data format, loader backend or None, backend options)
@@ -143,17 +154,30 @@ def prepare(
     need = args.batch_size * max(
         24, 2 * (args.iters + max(drain_count(n, args.workers) for n in names))
     )
-    data = _data.prepare(
-        cache,
-        min_images=need,
-        formats={"shards"} & formats,
-        data=args.data,
-        classes=args.classes,
-        distinct=args.distinct,
-        min_side=args.min_side,
-        max_side=args.max_side,
-        workers=args.workers,
-    )
+    if args.shards is not None:  # prepared elsewhere: nothing to convert or repeat
+        files = _data.list_images(args.data)
+        if len(files) < need:
+            raise SystemExit(
+                f"loaders: {args.data} holds {len(files)} images, one epoch of this run needs "
+                f"{need}; prepare more or lower --iters/--batch-size"
+            )
+        # A repeated toy folder holds links: count the images behind them.
+        data = _data.BenchData(
+            args.data, len(files), len({f.resolve() for f in files}), shards=args.shards
+        )
+        data.info = _data.describe(data)
+    else:
+        data = _data.prepare(
+            cache,
+            min_images=need,
+            formats={"shards"} & formats,
+            data=args.data,
+            classes=args.classes,
+            distinct=args.distinct,
+            min_side=args.min_side,
+            max_side=args.max_side,
+            workers=args.workers,
+        )
     paths = {"imagefolder": data.imagefolder, "none": data.imagefolder}
     if data.shards is not None:
         paths["shards"] = data.shards
@@ -179,6 +203,43 @@ def prepare(
     return paths, data.info | {"images_per_epoch": data.images}
 
 
+def measure_variant(
+    name: str, path: Path, args: argparse.Namespace, common: dict[str, Any]
+) -> Measurement:
+    """One variant's images/s: warm-up, timed windows back to back, then the loader closed."""
+    _, _, backend, options = VARIANTS[name]
+    if backend is None:
+        loader = stock_ffcv(path, **common)
+    else:
+        loader = build_loader(backend, path, **common, **options)
+    batches = endless(loader, backend is not None)
+    try:
+        # Warm-up: compilation and worker start-up, then the batches prefetched meanwhile;
+        # the timed windows follow back to back, so the loader never idles ahead of them.
+        for _ in range(drain_count(name, args.workers) + 2):
+            next(batches)
+        return measure(
+            batches.__next__,
+            items_per_call=args.batch_size,
+            iters=args.iters,
+            repeats=args.repeats,
+            warmup=0,
+            device=str(common["device"]),
+        )
+    finally:
+        batches.close()  # stops the backend's workers/threads mid-epoch
+
+
+def add_stock_ratios(report: BenchmarkReport) -> None:
+    """``vs_ffcv_stock`` on the ffcv rows, once stock FFCV is measured (any order of rows)."""
+    stock = next(
+        (r for r in report.rows if r["variant"] == "ffcv_stock" and "error" not in r), None
+    )
+    for r in report.rows:
+        if stock and r["variant"] in ("ffcv", "ffcv_views") and "error" not in r:
+            r["vs_ffcv_stock"] = round(r["items_per_s"] / stock["items_per_s"], 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -195,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=10, help="batches per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per variant")
     p.add_argument("--data", type=Path, help="an ImageFolder train folder instead of the toy data")
+    p.add_argument(
+        "--shards",
+        type=Path,
+        help="tar shards of --data made already (to_dali.py, end_to_end.py --prepare-only): "
+        "no conversion",
+    )
     p.add_argument(
         "--data-cache", type=Path, help="keep the prepared data here (default: a temp dir)"
     )
@@ -213,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "--note", help="free text stored with the result (e.g. how loaded the machine was)"
     )
     args = p.parse_args(argv)
+    if args.shards is not None and (args.data is None or not args.shards.is_dir()):
+        p.error("--shards needs --data (the images the shards hold) and an existing folder")
     device = torch.device(args.device)
     if args.smoke:
         args.batch_size = args.batch_size or 8
@@ -231,11 +300,36 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipping {', '.join(skipped)}: library not installed", file=sys.stderr)
 
+    out = args.out or os.environ.get("OUT")  # None: benchmarks/results
+    keep = bool(out) or not args.smoke
+    if not keep:
+        print("smoke run: no result written (pass --out to keep it)")
+    failed = False
     with contextlib.ExitStack() as stack:
         cache = args.data_cache or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="loaders-bench-"))
         )
         paths, data_info = prepare(args, names, cache)
+        settings = {
+            "batch_size": args.batch_size,
+            "image_size": args.image_size,
+            "workers": args.workers,
+            "iters": args.iters,
+            "repeats": args.repeats,
+            "scale": [0.2, 1.0],
+            "smoke": args.smoke,
+            "data": str(args.data)
+            if args.data
+            else f"toy ImageNet, {args.distinct} distinct images, {args.min_side}-{args.max_side} px",
+            "beton": "to_ffcv.py --write-mode jpg --max-resolution 256",
+            "shards": str(args.shards) if args.shards else "to_dali.py defaults (original JPEG bytes)",
+            **data_info,
+        }
+        if args.note:
+            settings["note"] = args.note
+        report = BenchmarkReport(
+            "loaders", str(device), settings, baseline="pil_full" if "pil_full" in names else None
+        )
         common = dict(
             batch_size=args.batch_size,
             image_size=args.image_size,
@@ -243,82 +337,33 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
             seed=args.seed,
         )
-        samples: dict[str, list[float]] = {}
         for name in names:
-            _, fmt, backend, options = VARIANTS[name]
-            if backend is None:
-                loader = stock_ffcv(paths[fmt], **common)
+            _, fmt, _, options = VARIANTS[name]
+            extra: dict[str, Any] = {
+                "workers": args.workers,
+                "data_format": fmt,
+                "options": options or None,
+            }
+            try:
+                m = measure_variant(name, paths[fmt], args, common)
+            except Exception as e:  # one variant failing must not lose the others
+                report.add_error(name, error_message(e), **extra)
+                failed = True
+                print(f"{name}: failed: {report.rows[-1]['error']}", file=sys.stderr)
             else:
-                loader = build_loader(backend, paths[fmt], **common, **options)
-            batches = endless(loader, backend is not None)
-            # Warm-up: compilation and worker start-up, then the batches prefetched meanwhile;
-            # the timed windows follow back to back, so the loader never idles ahead of them.
-            for _ in range(drain_count(name, args.workers) + 2):
-                next(batches)
-            m = measure(
-                batches.__next__,
-                items_per_call=args.batch_size,
-                iters=args.iters,
-                repeats=args.repeats,
-                warmup=0,
-                device=str(device),
-            )
-            samples[name] = m.samples
-            print(f"{name}: {m.items_per_s:.1f} images/s", file=sys.stderr)
-            batches.close()
-            del batches, loader
-
-    settings = {
-        "batch_size": args.batch_size,
-        "image_size": args.image_size,
-        "workers": args.workers,
-        "iters": args.iters,
-        "repeats": args.repeats,
-        "scale": [0.2, 1.0],
-        "smoke": args.smoke,
-        "data": str(args.data)
-        if args.data
-        else f"toy ImageNet, {args.distinct} distinct images, {args.min_side}-{args.max_side} px",
-        "beton": "to_ffcv.py --write-mode jpg --max-resolution 256",
-        "shards": "to_dali.py defaults (original JPEG bytes)",
-        **data_info,
-        "load_average": round(os.getloadavg()[0], 2),
-    }
-    if args.note:
-        settings["note"] = args.note
-    report = BenchmarkReport(
-        "loaders", str(device), settings, baseline="pil_full" if "pil_full" in names else None
-    )
-    for name in names:
-        rates = samples[name]
-        m = Measurement(
-            statistics.median(rates),
-            min(rates),
-            max(rates),
-            statistics.mean(args.batch_size / r for r in rates),
-            len(rates),
-            args.iters,
-            0,
-            rates,
-        )
-        _, fmt, backend, options = VARIANTS[name]
-        extra: dict[str, Any] = {
-            "workers": args.workers,
-            "data_format": fmt,
-            "options": options or None,
-        }
-        if name in ("ffcv", "ffcv_views") and "ffcv_stock" in samples:
-            extra["vs_ffcv_stock"] = round(
-                m.items_per_s / statistics.median(samples["ffcv_stock"]), 3
-            )
-        report.add(name, m, **extra)
+                report.add(name, m, **extra)
+                print(f"{name}: {m.items_per_s:.1f} images/s", file=sys.stderr)
+            gc.collect()  # the loader's buffers and a failed variant's state, before the next
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            add_stock_ratios(report)
+            report.settings["load_average"] = round(os.getloadavg()[0], 2)
+            if keep:
+                path = report.write(out)
     print(report.table())
-    out = args.out or os.environ.get("OUT")
-    if args.smoke and not out:
-        print("smoke run: no result written (pass --out to keep it)")
-    else:
-        print(f"wrote {report.write(out)}")
-    return 0
+    if keep and report.rows:
+        print(f"wrote {path}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

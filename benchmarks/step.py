@@ -17,8 +17,16 @@ encoder as one concatenated batch (BatchNorm statistics shared by the views: *no
 recipe, which runs one pass per view). Images/s counts images (two views each); TFLOP/s uses
 49.3 GFLOP per image for ResNet-50 at 224 px and the counted conv/linear FLOPs otherwise.
 
+A row that fails is recorded with its error (``out of memory`` when the device ran out, e.g.
+the fp32 NCHW reference at 2 x 256 views on an 80 GB GPU), its memory is released and the
+next row runs; the exit status is 1 if any row failed, 3 after a SIGTERM. The JSON is
+written after every row, so a run stopped by a timeout keeps the rows it measured.
+``--only`` measures the named rows in the order given (the file lists them in table order):
+the GPU suite takes the headline first, into its own file (``--name``).
+
     python benchmarks/step.py                      # ResNet-50, 224 px, batch 256 on CUDA
     python benchmarks/step.py --smoke              # ResNet-18, 64 px, tiny batch (CI, CPU)
+    python benchmarks/step.py --only +cuda_graph,+augmentation,reference --name step_headline
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -34,7 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastsiam.benchmark import BenchmarkReport, measure, peak_memory_mb, reset_peak_memory
+from fastsiam.benchmark import (
+    BenchmarkReport,
+    error_message,
+    measure,
+    peak_memory_mb,
+    reset_peak_memory,
+)
 from fastsiam.config import AugConfig, OptimConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam, simsiam_loss
@@ -70,6 +85,40 @@ def variants(device: torch.device, concat: bool) -> list[Variant]:
         rows.append(last)
     rows.append(Variant("+augmentation", True, "bf16", "auto", last.mode, augment="simsiam"))
     return rows
+
+
+class Interrupted(BaseException):
+    """SIGTERM (e.g. the GPU suite's stage timeout): record the row, write, stop."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted
+
+
+def release_memory(device: torch.device) -> None:
+    """Between rows: a failed row's model, optimizer and graph pool must not crowd the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def select(names: str | None, device: torch.device, concat: bool,
+           ) -> tuple[list[Variant], dict[str, str]]:
+    """The rows to measure, in order, and the wanted ones this device cannot run (why).
+
+    ``names``: a comma list (``--only``; ValueError for an unknown one), None for every row.
+    """
+    every = [v.name for v in variants(torch.device("cuda"), concat=True)]
+    here = {v.name: v for v in variants(device, concat=True)}
+    if names is None:
+        wanted = [v.name for v in variants(torch.device("cuda"), concat)]
+    else:
+        wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+        unknown = [n for n in wanted if n not in every]
+        if unknown or not wanted:
+            raise ValueError(f"--only: unknown row(s) {', '.join(unknown) or '(none given)'}; "
+                             f"expected some of {', '.join(every)}")
+    return [here[n] for n in wanted if n in here], {n: "needs CUDA" for n in wanted if n not in here}
 
 
 class Normalize:
@@ -166,6 +215,26 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
     return {"measurement": m, **extra}
 
 
+def record_row(v: Variant, args: argparse.Namespace, device: torch.device,
+               report: BenchmarkReport) -> bool:
+    """Measure ``v`` into ``report`` (a row, a failed row or a skip); False if it failed."""
+    try:
+        result = run_variant(v, args, device)
+    except Exception as e:  # one row failing (out of memory...) must not lose the others
+        report.add_error(v.name, error_message(e))
+        print(f"{v.name}: failed: {report.rows[-1]['error']}", file=sys.stderr)
+        return False
+    finally:
+        release_memory(device)
+    if "skipped" in result:
+        report.settings["skipped"][v.name] = result["skipped"]
+        print(f"{v.name}: skipped ({result['skipped']})", file=sys.stderr)
+    else:
+        row = report.add(v.name, result.pop("measurement"), **result)
+        print(f"{v.name}: {row['items_per_s']:.1f} images/s", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -178,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5)")
     p.add_argument("--concat", action="store_true", help="also time one concatenated pass")
+    p.add_argument("--only", default=None, help="comma list of rows to measure, in this order "
+                   "(default: all), e.g. +cuda_graph,+augmentation,reference")
     p.add_argument("--smoke", action="store_true",
                    help="small settings for CI/CPU: resnet18, 64 px, batch 8, 2 iters")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--name", default="step", help="result file name stem (default step)")
+    p.add_argument("--out", default=None, help="results directory ($OUT or benchmarks/results)")
     p.add_argument("--note", default=None, help="a remark stored with the results (machine load...)")
     args = p.parse_args(argv)
     smoke = dict(arch="resnet18", image_size=64, batch_size=8, iters=2, warmup=1)
@@ -192,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = min(args.repeats, 2)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    try:
+        plan, skipped = select(args.only, device, args.concat)
+    except ValueError as e:
+        p.error(str(e))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every row: the step is what is compared
     counted = counted_gflop_per_image(args.arch, args.image_size, args.dim, args.pred_dim)
@@ -205,21 +281,33 @@ def main(argv: list[str] | None = None) -> int:
         **({"note": args.note} if args.note else {}),
     }
     report = BenchmarkReport("step", str(device), settings, baseline="reference")
-    skipped = {}
-    for v in variants(device, args.concat):
-        result = run_variant(v, args, device)
-        if "skipped" in result:
-            skipped[v.name] = result["skipped"]
-            print(f"{v.name}: skipped ({result['skipped']})", file=sys.stderr)
-            continue
-        row = report.add(v.name, result.pop("measurement"), **result)
-        print(f"{v.name}: {row['items_per_s']:.1f} images/s", file=sys.stderr)
-    if device.type != "cuda":
-        skipped["+cuda_graph"] = "needs CUDA"
     report.settings["skipped"] = skipped
+    order = [v.name for v in variants(torch.device("cuda"), concat=True)]
+
+    def write() -> str:
+        report.rows.sort(key=lambda r: order.index(r["variant"]))  # table order
+        return str(report.write(args.out, name=args.name))
+
+    status, running, path = 0, None, None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        for v in plan:
+            running = v.name
+            if not record_row(v, args, device, report):
+                status = 1
+            running = None
+            path = write()
+    except Interrupted:
+        if running is not None and running not in {r["variant"] for r in report.rows}:
+            report.add_error(running, "interrupted by SIGTERM")
+        report.settings["interrupted"] = f"SIGTERM during {running or 'a write'}"
+        print("step: interrupted, writing what was measured", file=sys.stderr)
+        status, path = 3, write()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(report.table())
-    print(f"wrote {report.write(args.out)}")
-    return 0
+    print(f"wrote {path}" if path else "nothing to write")
+    return status
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ The result file, ``<benchmark>-<device slug>.json``::
     benchmark       the script's name (step, augment, loaders, convert, end_to_end)
     baseline        the variant the other rows are compared against, or null
     settings        the run's fixed settings; conventional keys: batch_size, image_size,
-                    workers, arch, note, skipped ({variant: why}), errors ([...])
+                    workers, arch, note, skipped ({variant: why}), errors ([...]),
+                    interrupted (why the run stopped early, e.g. a SIGTERM)
     command, git_commit, date (UTC, ISO 8601), device, device_name, cpu_count, python,
     torch_threads, versions ({torch, torchvision, numpy, ffcv, dali, pillow, cuda, cudnn})
     peak_host_memory_mb   {"process": peak RSS, "largest_child": peak RSS of a worker}
@@ -33,7 +34,11 @@ The result file, ``<benchmark>-<device slug>.json``::
         seconds_per_call              mean time of one call over the timed repeats
         repeats, iters, warmup        how it was timed
         ... script-specific extras: peak_memory_mb (device), workers, backend, ...
+      or, for a variant that failed, ``variant`` and ``error`` (one line: ``out of memory``,
+      else ``<ExceptionType>: <message>``) and none of the numbers above: a script records
+      the failure and goes on with the next row (:meth:`BenchmarkReport.add_error`).
 
+The baseline is always a measured row: while it is not (yet) one, the file says null.
 Numbers are finite everywhere (the JSON is written with ``allow_nan=False``).
 """
 
@@ -288,11 +293,19 @@ class BenchmarkReport:
         self.rows.append(row)
         return row
 
+    def add_error(self, variant: str, error: str, **extra: Any) -> dict[str, Any]:
+        """A row for a variant that failed (see :func:`error_message`): no numbers."""
+        row = {"variant": variant, "error": error, **extra}
+        self.rows.append(row)
+        return row
+
     def to_dict(self) -> dict[str, Any]:
+        measured = {r["variant"] for r in self.rows if "error" not in r}
         return {
             "schema": SCHEMA_VERSION,
             "benchmark": self.benchmark,
-            "baseline": self.baseline,
+            # A file written after every row names its baseline once that row is measured.
+            "baseline": self.baseline if self.baseline in measured else None,
             "settings": self.settings,
             **self.env,
             "peak_host_memory_mb": peak_host_memory_mb(),
@@ -305,13 +318,16 @@ class BenchmarkReport:
         head = ["variant", "images/s", "min-max", *(["x baseline"] if base else []), *extra_keys]
         lines = []
         for r in self.rows:
-            cells = [
-                r["variant"],
-                f"{r['items_per_s']:.1f}",
-                f"{r['items_per_s_min']:.1f}-{r['items_per_s_max']:.1f}",
-            ]
-            if base:
-                cells.append(f"{r['items_per_s'] / base['items_per_s']:.2f}")
+            if "error" in r:  # the error column says why
+                cells = [r["variant"], "-", "-", *(["-"] if base else [])]
+            else:
+                cells = [
+                    r["variant"],
+                    f"{r['items_per_s']:.1f}",
+                    f"{r['items_per_s_min']:.1f}-{r['items_per_s_max']:.1f}",
+                ]
+                if base:
+                    cells.append(f"{r['items_per_s'] / base['items_per_s']:.2f}")
             cells += [_fmt(r.get(k)) for k in extra_keys]
             lines.append(cells)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
@@ -345,6 +361,22 @@ _ROW_CORE_KEYS = {
 }
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device allocation failure: ``torch.cuda.OutOfMemoryError`` or a RuntimeError saying so."""
+    torch = sys.modules.get("torch")  # nothing to catch from torch if it was never imported
+    if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e)
+
+
+def error_message(e: BaseException) -> str:
+    """The one-line ``error`` of a failed row: ``out of memory``, else ``<Type>: <first line>``."""
+    if is_out_of_memory(e):
+        return "out of memory"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
@@ -373,6 +405,7 @@ _ROW_TYPES: dict[str, tuple[type, ...]] = {
     "iters": (int,), "warmup": (int,), "samples": (list,),
 }
 _DATE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+_ERROR_ROW_TYPES: dict[str, tuple[type, ...]] = {"variant": (str,), "error": (str,)}
 
 
 def validate_result(data: Any) -> list[str]:
@@ -391,14 +424,18 @@ def validate_result(data: Any) -> list[str]:
         if not isinstance(version, (str, type(None))):
             problems.append(f"versions.{name} must be a string or null, got {version!r}")
     seen: set[str] = set()
+    measured: set[str] = set()
     for i, row in enumerate(data["rows"]):
         problems += [f"rows[{i}]: {p}" for p in _row_problems(row)]
         if isinstance(row, dict) and isinstance(row.get("variant"), str):
             if row["variant"] in seen:
                 problems.append(f"rows[{i}]: variant {row['variant']!r} appears twice")
             seen.add(row["variant"])
-    if data["baseline"] is not None and data["baseline"] not in seen:
-        problems.append(f"baseline {data['baseline']!r} is not a row's variant")
+            if "error" not in row:
+                measured.add(row["variant"])
+    if data["baseline"] is not None and data["baseline"] not in measured:
+        what = "a failed row" if data["baseline"] in seen else "not a row's variant"
+        problems.append(f"baseline {data['baseline']!r} is {what}")
     return problems
 
 
@@ -416,6 +453,14 @@ def _type_problems(obj: dict, expected: dict[str, Any]) -> list[str]:
 def _row_problems(row: Any) -> list[str]:
     if not isinstance(row, dict):
         return [f"must be an object, got {type(row).__name__}"]
+    if "error" in row:
+        problems = _type_problems(row, _ERROR_ROW_TYPES)
+        if not problems and (not row["error"].strip() or "\n" in row["error"]):
+            problems.append(f"'error' must be one non-empty line, got {row['error']!r:.60}")
+        numbers = sorted((set(_ROW_TYPES) - {"variant"}) & set(row))
+        if numbers:
+            problems.append(f"a failed row ('error') has no numbers, got {', '.join(numbers)}")
+        return problems
     problems = _type_problems(row, _ROW_TYPES)
     if problems:
         return problems
@@ -455,8 +500,13 @@ def _non_finite(value: Any, where: str) -> list[str]:
     return []
 
 
-def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate one result file; :class:`ResultError` names the file and the problem."""
+def load_result(path: str | os.PathLike[str], *, keep_errors: bool = False) -> dict[str, Any]:
+    """Read and validate one result file; :class:`ResultError` names the file and the problem.
+
+    Failed rows are moved to ``settings["errors"]`` (as ``"<variant>: <error>"``, after any
+    errors already there), so that readers of rates (report.py's tables, plots and goals) see
+    measured rows only; ``keep_errors=True`` returns the rows as written.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -468,6 +518,11 @@ def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ResultError(f"{path}: not a benchmark result: {problems[0]}{more}")
+    failed = [r for r in data["rows"] if "error" in r]
+    if failed and not keep_errors:
+        data["rows"] = [r for r in data["rows"] if "error" not in r]
+        data["settings"]["errors"] = [*data["settings"].get("errors", []),
+                                      *(f"{r['variant']}: {r['error']}" for r in failed)]
     return data
 
 

@@ -1,5 +1,7 @@
-"""The benchmark harness on a fake clock, the result schema, every benchmark script's smoke
-mode (through the GPU suite's CPU dry run), end-to-end bounds, and report.py on fixtures."""
+"""The benchmark harness on a fake clock, the result schema (failed rows included), every
+benchmark script's smoke mode (through the GPU suite's CPU dry run, full and --quick), the
+suite's budget, step.py's and loaders.py's per-row failures and writes, end-to-end bounds,
+and report.py on fixtures."""
 
 from __future__ import annotations
 
@@ -7,14 +9,24 @@ import copy
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastsiam import benchmark as B
-from fastsiam.benchmark import BenchmarkReport, ResultError, load_result, measure, summarize
+from fastsiam.benchmark import (
+    BenchmarkReport,
+    ResultError,
+    error_message,
+    load_result,
+    measure,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -184,6 +196,160 @@ def test_load_result_names_the_file(tmp_path) -> None:
         load_result(bad)
 
 
+def test_failed_rows_in_the_schema_the_table_and_load_result(tmp_path) -> None:
+    report = make_report(rates={"fast": [30.0, 33.0, 27.0]})
+    report.add_error("base", "out of memory", amp="none")
+    data = report.to_dict()
+    assert B.validate_result(data) == [] and data["baseline"] is None  # not measured: no ratio
+    report.add("base2", summarize([10.0], items_per_call=8, iters=2, warmup=1))
+    report.baseline = "base2"
+    assert report.to_dict()["baseline"] == "base2"
+    lines = report.table().splitlines()
+    assert re.search(r"^base +- +- +- .*out of memory", lines[3]), lines  # the error column
+    path = report.write(tmp_path)
+    raw = load_result(path, keep_errors=True)
+    assert [r.get("error") for r in raw["rows"]] == [None, "out of memory", None]
+    # Readers of rates (report.py) get the measured rows and the failure as a run error.
+    loaded = load_result(path)
+    assert [r["variant"] for r in loaded["rows"]] == ["fast", "base2"]
+    assert loaded["settings"]["errors"] == ["base: out of memory"]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set("rows.0.items_per_s", 10.0), "a failed row ('error') has no numbers, got items_per_s"),
+    (_set("rows.0.error", "two\nlines"), "'error' must be one non-empty line"),
+    (_set("rows.0.error", " "), "'error' must be one non-empty line"),
+    (_set("rows.0.error", 3), "'error' must be a string"),
+    (_set("baseline", "base"), "baseline 'base' is a failed row"),
+])
+def test_validate_finds_each_break_of_a_failed_row(mutate, message) -> None:
+    report = make_report(rates={"fast": [30.0]}, baseline=None)
+    report.rows.insert(0, {"variant": "base", "error": "out of memory"})
+    data = copy.deepcopy(report.to_dict())
+    assert B.validate_result(data) == []
+    mutate(data)
+    assert any(message in p for p in B.validate_result(data)), B.validate_result(data)
+
+
+def test_error_message_is_one_line_and_names_out_of_memory() -> None:
+    assert error_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) \
+        == "out of memory"
+    assert error_message(RuntimeError("CUDA error: out of memory\nCUDA kernel errors...")) == "out of memory"
+    assert error_message(ValueError("bad shape\n  more")) == "ValueError: bad shape"
+    assert error_message(KeyError()) == "KeyError"
+    assert not B.is_out_of_memory(MemoryError("host"))  # only the device's
+
+
+# ------------------------------------------------------------------ step.py and loaders.py rows
+
+STEP_ARGS = ["--smoke", "--device", "cpu", "--image-size", "32", "--dim", "64", "--pred-dim", "16"]
+
+
+def _fake_measurement(rate: float = 100.0) -> B.Measurement:
+    return summarize([rate], items_per_call=2, iters=1, warmup=0)
+
+
+def _rows_on_disk(path: Path) -> list[tuple[str, str | None]]:
+    return [(r["variant"], r.get("error")) for r in load_result(path, keep_errors=True)["rows"]]
+
+
+def test_step_failed_rows_are_recorded_and_the_json_is_written_after_each(tmp_path, monkeypatch) -> None:
+    from benchmarks import step
+
+    path = tmp_path / f"step-cpu{os.cpu_count()}.json"
+    seen = []
+
+    def fake_row(v, args, device):
+        seen.append(v.name)
+        if v.name == "+channels_last":
+            raise ValueError("no such layout\nsecond line")
+        if v.name == "+bf16":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        if v.name == "+fused_optimizer":  # the rows before are on disk already
+            assert _rows_on_disk(path) == [("reference", None), ("+channels_last", "ValueError: no such layout"),
+                                          ("+bf16", "out of memory")]
+        return {"measurement": _fake_measurement(), "amp": v.amp}
+
+    monkeypatch.setattr(step, "run_variant", fake_row)
+    assert step.main([*STEP_ARGS, "--out", str(tmp_path)]) == 1  # some row failed
+    assert seen == ["reference", "+channels_last", "+bf16", "+fused_optimizer", "+augmentation"]
+    data = load_result(path, keep_errors=True)
+    assert [r["variant"] for r in data["rows"]] == seen and data["baseline"] == "reference"
+    assert data["settings"]["skipped"] == {"+cuda_graph": "needs CUDA"}
+    assert all("items_per_s" not in r for r in data["rows"] if "error" in r)
+
+
+def test_step_only_runs_rows_in_its_order_and_an_abort_keeps_the_first(tmp_path, monkeypatch) -> None:
+    from benchmarks import step
+
+    seen = []
+
+    def fake_row(v, args, device):
+        seen.append(v.name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # not a row's failure: the run stops here
+        return {"measurement": _fake_measurement()}
+
+    monkeypatch.setattr(step, "run_variant", fake_row)
+    with pytest.raises(KeyboardInterrupt):
+        step.main([*STEP_ARGS, "--only", "+augmentation,reference,+cuda_graph", "--name", "head",
+                   "--out", str(tmp_path)])
+    assert seen == ["+augmentation", "reference"]  # +cuda_graph: not on the CPU
+    data = load_result(tmp_path / f"head-cpu{os.cpu_count()}.json")
+    assert [r["variant"] for r in data["rows"]] == ["+augmentation"] and data["baseline"] is None
+    with pytest.raises(SystemExit) as e:
+        step.main([*STEP_ARGS, "--only", "+fp8"])
+    assert e.value.code == 2
+
+
+def test_step_sigterm_records_the_row_and_writes(tmp_path, monkeypatch) -> None:
+    from benchmarks import step
+
+    def fake_row(v, args, device):
+        if v.name == "+channels_last":
+            os.kill(os.getpid(), signal.SIGTERM)  # the suite's stage timeout
+        return {"measurement": _fake_measurement()}
+
+    monkeypatch.setattr(step, "run_variant", fake_row)
+    before = signal.getsignal(signal.SIGTERM)
+    assert step.main([*STEP_ARGS, "--out", str(tmp_path)]) == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+    data = load_result(tmp_path / f"step-cpu{os.cpu_count()}.json", keep_errors=True)
+    assert _rows_on_disk(tmp_path / f"step-cpu{os.cpu_count()}.json") == [
+        ("reference", None), ("+channels_last", "interrupted by SIGTERM")]
+    assert data["settings"]["interrupted"] == "SIGTERM during +channels_last"
+
+
+def test_loaders_failed_variant_is_recorded_and_the_rest_measured(tmp_path, monkeypatch) -> None:
+    from benchmarks import loaders
+
+    path = tmp_path / f"loaders-cpu{os.cpu_count()}.json"
+    fake_paths = {"imagefolder": tmp_path, "none": tmp_path, "shards": tmp_path}
+    monkeypatch.setattr(loaders, "prepare", lambda args, names, cache: (fake_paths, {"images_per_epoch": 8}))
+
+    def fake_variant(name, data_path, args, common):
+        if name == "pil_full":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        if name == "nvjpeg":
+            assert _rows_on_disk(path) == [("synthetic", None), ("pil_full", "out of memory")]
+        return _fake_measurement(50.0)
+
+    monkeypatch.setattr(loaders, "measure_variant", fake_variant)
+    assert loaders.main(["--smoke", "--backends", "synthetic,pil_full,nvjpeg", "--out", str(tmp_path)]) == 1
+    data = load_result(path, keep_errors=True)
+    assert _rows_on_disk(path) == [("synthetic", None), ("pil_full", "out of memory"), ("nvjpeg", None)]
+    assert data["baseline"] is None  # pil_full failed: no ratios
+    assert data["rows"][1]["data_format"] == "imagefolder"
+
+
+def test_loaders_shards_need_data(tmp_path) -> None:
+    from benchmarks import loaders
+
+    with pytest.raises(SystemExit) as e:
+        loaders.main(["--smoke", "--shards", str(tmp_path)])
+    assert e.value.code == 2
+
+
 # ------------------------------------------------------------------ benchmark scripts' smoke
 
 
@@ -209,30 +375,84 @@ def test_script_smoke_writes_valid_json(script, tmp_path) -> None:
         assert load_result(f)["rows"]
 
 
+FULL_STAGES = ["env", "capture-tests", "step-headline", "data", "end-to-end", "cuda-tests", "step",
+               "augment", "loaders"]
+QUICK_STAGES = ["env", "capture-tests", "step-headline", "data", "loaders"]
+
+
+def _run_suite(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    # The timeout: the suite's own worst case (450 s) and a little.
+    return subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "--cpu-smoke", *flags], cwd=ROOT,
+                          env=_env(out), capture_output=True, text=True, timeout=470)
+
+
+def _stages_in_summary(stdout: str) -> list[tuple[str, str]]:
+    summary = stdout.split("== summary", 1)[1].split("headline images/s", 1)[0]
+    return re.findall(r"^(\S+) +(\S+) +\d+ s", summary, re.MULTILINE)
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("suite")
-    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "--cpu-smoke"], cwd=ROOT,
-                          env=_env(out), capture_output=True, text=True, timeout=400)
-    return proc, out
+    return _run_suite(out), out
 
 
 def test_gpu_suite_cpu_smoke_runs_every_stage(suite) -> None:
     proc, out = suite
     assert proc.returncode == 0, proc.stdout[-3000:]
-    summary = proc.stdout.split("== summary", 1)[1]
-    stages = ["cuda-tests", "data", "step", "augment", "end-to-end"]
-    if (BENCH / "loaders.py").is_file():
-        stages.append("loaders")
-    for stage in stages:
-        assert f"\n{stage}" in summary and f"{stage:<11} ok" in summary, summary
+    assert _stages_in_summary(proc.stdout) == [(s, "ok") for s in FULL_STAGES], proc.stdout[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and "gpu_suite.log" in files
-    expected = {f"{s[:-3]}-cpu{os.cpu_count()}.json" for s in SUITE_SCRIPTS
-                if (BENCH / s).is_file()}
+    assert len(files) <= 6 and "gpu_suite.log" in files
+    expected = {f"{s[:-3]}-cpu{os.cpu_count()}.json" for s in SUITE_SCRIPTS}
+    expected.add(f"step_headline-cpu{os.cpu_count()}.json")
     assert expected <= set(files), files
     for name in expected:
         assert load_result(out / name)["rows"]
+    headline = proc.stdout.split("headline images/s", 1)[1]
+    assert re.search(r"\+augmentation / reference +\d+\.\d\dx", headline), headline
+    assert re.search(r"\+cuda_graph +skipped: needs CUDA", headline), headline
+    assert re.search(r"nvjpeg \(loader alone\) +[\d,.]+", headline), headline
+
+
+def test_gpu_suite_quick_runs_the_headline_stages_only(tmp_path) -> None:
+    proc = _run_suite(tmp_path, "--quick")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert _stages_in_summary(proc.stdout) == [(s, "ok") for s in QUICK_STAGES], proc.stdout[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_suite.log", f"loaders-cpu{os.cpu_count()}.json", f"step_headline-cpu{os.cpu_count()}.json"]
+    assert "end_to_end: no end_to_end-*.json from this run" in proc.stdout  # the summary copes
+
+
+@pytest.mark.parametrize("flags, budget, stages", [
+    ((), 450, FULL_STAGES), (("--quick",), 180, QUICK_STAGES)])
+def test_gpu_suite_plan_fits_its_budget_and_the_help_says_so(flags, budget, stages) -> None:
+    proc = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "--plan", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == [*stages, "summary", "cleanup"]
+    total = sum(int(a) + int(b) for a, b in re.findall(r"^  \S+ +(\d+) \+ (\d+) ", proc.stdout, re.MULTILINE))
+    assert lines[-1] == f"worst case {total} s of a {budget} s budget" and total <= budget
+    # The help's arithmetic is the script's: each stage's limit + grace, and the sum.
+    help_text = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), "-h"], capture_output=True,
+                               text=True, timeout=30).stdout
+    rows = dict(re.findall(r"^  (\S+) +(\d+ \+ +\d+) ", help_text, re.MULTILINE))
+    for line in lines[:-1]:
+        name, limit, _, grace = line.split()[:4]
+        assert re.sub(r" +", " ", rows[name]) == f"{limit} + {grace}", name
+    mode = "quick" if flags else "full"
+    assert re.search(rf"^  {mode}: .*= {total} s <= {budget} s$", help_text, re.MULTILINE), help_text
+
+
+def test_gpu_suite_refuses_a_plan_over_budget(tmp_path) -> None:
+    script = (BENCH / "gpu_suite.sh").read_text().replace(
+        "stage loaders 20 5", "stage loaders 200 5")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu_suite.sh").write_text(script)
+    proc = subprocess.run(["bash", str(tmp_path / "benchmarks" / "gpu_suite.sh"), "--quick"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "over the 180 s budget" in proc.stderr, proc.stderr
+    assert not (tmp_path / "benchmarks" / "results").exists()  # refused before running anything
 
 
 def test_gpu_suite_refuses_unknown_arguments() -> None:
@@ -364,6 +584,19 @@ def test_report_renders_fixture_results(fixture_results, tmp_path) -> None:
     assert "plots/loaders-cpu2-workers.png" in links and "plots/convert-cpu2-workers.png" in links
     assert series_of({"variant": "decode w2", "workers": 2}) == "decode"
     assert series_of({"variant": "x", "backend": "ffcv"}) == "ffcv"
+
+
+def test_report_renders_failed_rows_as_run_errors(tmp_path) -> None:
+    from benchmarks.report import render
+
+    results = tmp_path / "results"
+    report = BenchmarkReport("step", "cpu", {"batch_size": 256}, baseline="reference")
+    report.add("reference", summarize([100.0, 90.0], items_per_call=256, iters=10, warmup=3))
+    report.add_error("+cuda_graph", "out of memory")
+    report.write(results)
+    text = render(results, tmp_path / "B.md", tmp_path / "plots")
+    assert "- errors: +cuda_graph: out of memory" in text
+    assert "| reference | 95.0 | 90.0–100.0 | 1.00 |" in text and "| +cuda_graph |" not in text
 
 
 def test_report_without_plots_and_cli_errors(fixture_results, tmp_path) -> None:
