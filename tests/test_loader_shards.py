@@ -197,6 +197,18 @@ def test_errors(backend, shards, tmp_path):
         load(backend, shards["train"], **option)
 
 
+def test_nvjpeg_stops_its_threads_when_the_consumer_stops_early(shards):
+    """Breaking out of an epoch ends the loader's reader and decoder threads at once (the
+    decoder used to block on its input queue until a 10 s join gave up)."""
+    import threading
+
+    it = iter(load("nvjpeg", shards["train"], workers=1))
+    next(it)
+    it.close()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("fastsiam-nvjpeg")]
+    assert alive == []
+
+
 def test_nvjpeg_per_image_resize_is_cpu_only(shards):
     with pytest.raises(ValueError, match="per_image' is the CPU path"):
         load("nvjpeg", shards["train"], resize="per_image", device="cuda")

@@ -252,9 +252,10 @@ class NVJPEGLoader(Loader):
                         return
                     indices, data = item
                     if stream is None:
-                        put(out_q, (self._make_batch(epoch, indices, data, decode_pool), None))
-                        continue
-                    if not put(out_q, self._make_device_batch(epoch, indices, data, decode_pool, stream)):
+                        item = (self._make_batch(epoch, indices, data, decode_pool), None)
+                    else:
+                        item = self._make_device_batch(epoch, indices, data, decode_pool, stream)
+                    if not put(out_q, item):  # the consumer stopped early
                         return
             except BaseException as e:
                 put(out_q, e)
