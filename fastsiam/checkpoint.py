@@ -4,7 +4,8 @@ A checkpoint is a dict of tensors and plain Python data only (the config as a di
 states as tensors/lists), so it loads with ``torch.load(weights_only=True)`` and never runs
 pickled code. Files are written under a temporary name, fsync'ed and renamed (see
 :mod:`fastsiam.io`), so a crash while saving leaves the previous checkpoint intact and never a
-truncated file under a checkpoint's name.
+truncated file under a checkpoint's name (a full disk or a read-only work dir is a one-line
+:class:`CheckpointError` saying that the previous checkpoint is intact).
 
 Naming in a work dir: ``epoch_0003.pt`` (end of an epoch), ``step_00001234.pt`` (a mid-epoch
 save: preemption or ``--max-steps``), ``best.pt`` (lowest training loss of an epoch),
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastsiam.io import atomic_path
+from fastsiam.io import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,51 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
 
+class _KeepsWriteError:
+    """A binary file that remembers its write error: ``torch.save`` turns an ``OSError`` of
+    the file into a ``RuntimeError`` without the errno ("unexpected pos ..."), which would hide
+    a full disk."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._f.write(data))
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` atomically to ``path``; a failure leaves any previous file untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        with atomic_open(path, "wb") as f:
+            out = _KeepsWriteError(f)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: no space left on the device while saving; the previous checkpoint is intact") from None
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise CheckpointError(f"{path.parent}: work dir is not writable ({os.strerror(e.errno)})") from None
-        raise CheckpointError(f"{path}: cannot save checkpoint: {e}") from None
+        raise CheckpointError(describe_write_error(path, e)) from None
     return path
+
+
+def describe_write_error(path: Path, e: OSError, what: str = "checkpoint") -> str:
+    """One line for a failed write of ``path`` into a work dir (``what`` it holds)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{path}: no space left on the device while saving; the previous {what} is intact"
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return f"work dir {path.parent} is not writable: {os.strerror(e.errno)}"
+    return f"{path}: cannot save the {what}: {e.strerror or e}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

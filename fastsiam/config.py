@@ -46,6 +46,8 @@ class DataConfig:
     scale: list[float] = _f([0.2, 1.0], length=2, min=0.0, max=1.0, help="RandomResizedCrop area range")
     ratio: list[float] = _f([0.75, 1.3333333333333333], length=2, min=0.0, help="RandomResizedCrop aspect range")
     options: dict[str, Any] = _f({}, help="backend-specific keyword arguments")
+    on_corrupt: str = _f("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
+                         "with an error naming its shard/file and sample, or skip it (logged and counted)")
 
 
 @dataclass
@@ -110,6 +112,8 @@ class TrainConfig:
     log_every: int = _f(10, min=1, help="steps between host syncs for logging")
     on_nonfinite: str = _f("stop", choices=["stop", "skip"],
                            help="a non-finite loss: stop with a debug checkpoint, or skip that step's update")
+    max_skipped_steps: int = _f(20, min=1, help="with on_nonfinite=skip: stop as 'stop' does after this "
+                                "many consecutive skipped steps")
 
 
 @dataclass

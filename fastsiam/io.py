@@ -3,12 +3,15 @@
 A reader must never see a half-written file under its final name: everything is written to a
 temporary sibling, flushed and fsync'ed, then renamed over the destination (rename is atomic
 within one filesystem). If anything fails, the temporary file is removed and an existing file
-under the final name is left untouched.
+under the final name is left untouched. A process killed mid-write leaves its temporary file
+behind (``.<name>.<random>.partial``): :func:`remove_partials` clears them once no other
+writer can be using the folder, which :func:`exclusive_lock` establishes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -63,3 +66,43 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock (the message names it and its PID)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block.
+
+    A second process asking for it is refused at once with :class:`LockedError`, naming
+    ``what`` and the holder's PID (written into the file). The kernel drops the lock when its
+    holder dies, kill -9 included, so a lock file left behind never blocks a later run.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockedError(f"{what} is in use by another process (PID {holder}, lock {path})") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_partials(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``directory``; returns them.
+
+    Only safe while no live writer uses the folder (hold :func:`exclusive_lock` first).
+    """
+    removed = []
+    for p in Path(directory).glob(".*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed

@@ -152,8 +152,9 @@ class Step:
         device: the training device.
         amp: ``"bf16"``, ``"fp16"`` (CUDA only; fp32 with a notice elsewhere) or ``"none"``.
         channels_last: NHWC activations and weights (the model is converted if needed).
-        skip_nonfinite: skip the update of a step whose loss is inf/NaN (a masked update, no
-            host sync; needs fastsiam's SGD/LARS). fp16's scaler skips overflows regardless.
+        skip_nonfinite: a step whose loss is inf/NaN leaves every state as it was: the update
+            is masked (no host sync; needs fastsiam's SGD/LARS) and the BatchNorm statistics
+            its forward wrote are restored. fp16's scaler skips overflows regardless.
     """
 
     mode = "eager"
@@ -175,6 +176,11 @@ class Step:
             raise ValueError("train.on_nonfinite=skip needs fastsiam's SGD or LARS (optim.impl auto, "
                              f"foreach or fused) for its masked update; got {type(optimizer).__name__}")
         self.skip_nonfinite = skip_nonfinite
+        # The buffers a training forward writes (BatchNorm statistics), by dtype and device:
+        # a skipped step puts them back (see _restore_buffers).
+        self._buffer_groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+        for b in model.buffers() if skip_nonfinite else ():
+            self._buffer_groups.setdefault((b.dtype, b.device), []).append(b)
         if self.amp == "fp16":
             if not isinstance(optimizer, _DeviceLROptimizer):
                 raise ValueError("amp=fp16 needs fastsiam's SGD or LARS (optim.impl auto, foreach "
@@ -193,6 +199,7 @@ class Step:
 
     def _run(self, batch: TwoViewBatch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
+        saved = self._snapshot_buffers()
         v1, v2 = self.augment(batch)
         v1, v2 = self._prepare(v1), self._prepare(v2)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
@@ -201,10 +208,11 @@ class Step:
         # The loss in fp32: cosine similarity of bf16/fp16 outputs loses digits that matter
         # once the loss approaches its floor of -1.
         loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
+        nonfinite = (~torch.isfinite(loss)) if self.skip_nonfinite else None
         if self.scaler is None:
             loss.backward()
-            if self.skip_nonfinite:
-                self.optimizer.step(found_inf=(~torch.isfinite(loss)).float())
+            if nonfinite is not None:
+                self.optimizer.step(found_inf=nonfinite.float())
             else:
                 self.optimizer.step()
         else:
@@ -212,9 +220,27 @@ class Step:
             self.scaler.unscale_(self.optimizer)
             self.optimizer.step(found_inf=self.scaler.found_inf)
             self.scaler.update()
+        if nonfinite is not None:
+            self._restore_buffers(saved, nonfinite)
         with torch.no_grad():
             monitor = (z_std(z1) + z_std(z2)) * 0.5
         return StepOutput(loss.detach(), monitor)
+
+    def _snapshot_buffers(self) -> list[Tensor]:
+        """One flat copy per buffer group, taken before the forward (one kernel each)."""
+        return [torch.cat([b.reshape(-1) for b in group]) for group in self._buffer_groups.values()]
+
+    def _restore_buffers(self, saved: list[Tensor], skip: Tensor) -> None:
+        """Where ``skip`` (0-dim bool on the device) is set, put the snapshot back.
+
+        A select, not arithmetic: the statistics of a non-finite forward are NaN/inf, and
+        ``nan * 0`` is NaN. Three kernels per group (cat, where, a multi-tensor copy), no host
+        sync, so it runs inside a captured graph.
+        """
+        for group, before in zip(self._buffer_groups.values(), saved):
+            now = torch.cat([b.reshape(-1) for b in group])
+            kept = torch.where(skip, before, now).split([b.numel() for b in group])
+            torch._foreach_copy_(group, [k.view(b.shape) for k, b in zip(kept, group)])
 
     def state_dict(self) -> dict[str, Any]:
         """The loss scaler's state (empty without fp16)."""

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from fastsiam import dist
 from fastsiam.augment import SimSiamAugment
 from fastsiam.config import Config
 from fastsiam.data import build_loader_from_config
+from fastsiam.io import LockedError, atomic_open, exclusive_lock, remove_partials
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
@@ -41,6 +43,7 @@ from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger("fastsiam")
+LOCK_FILE = ".fastsiam.lock"
 
 
 class TrainingError(RuntimeError):
@@ -161,6 +164,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.best_metric: float | None = None
+        self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
         self._knn_loaders: tuple[Any, Any] | None = None
 
     # ------------------------------------------------------------------------------------
@@ -176,6 +180,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": ckpt.rng_state(),
             "best_metric": self.best_metric,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
             "fastsiam_version": fastsiam.__version__,
@@ -189,6 +194,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_metric = state.get("best_metric")
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         loader_state = state.get("loader")
         if loader_state is not None and state.get("world_size", 1) == self.dist.world_size:
             self.loader.load_state_dict(loader_state)
@@ -210,6 +216,29 @@ class Trainer:
     # the loop
 
     def fit(self) -> TrainResult:
+        """Train to ``train.epochs`` (or ``train.max_steps``, or a stop signal).
+
+        The work dir is locked for the run (rank 0 holds an exclusive lock on
+        ``.fastsiam.lock``): a second trainer on it is refused in one line naming the holder.
+        """
+        with self._work_dir_lock():
+            return self._fit()
+
+    @contextlib.contextmanager
+    def _work_dir_lock(self) -> Iterator[None]:
+        with contextlib.ExitStack() as held:
+            if self.dist.is_main:
+                lock = self.work_dir / LOCK_FILE
+                try:
+                    self.work_dir.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(exclusive_lock(lock, f"work dir {self.work_dir}"))
+                except LockedError as e:
+                    raise TrainingError(f"{e}; wait for it or use another --work-dir") from None
+                except OSError as e:
+                    raise TrainingError(ckpt.describe_write_error(lock, e, "run")) from None
+            yield
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         self._prepare_work_dir()
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main, tensorboard=cfg.output.tensorboard)
@@ -257,7 +286,8 @@ class Trainer:
             result.knn = self._knn(f"epoch {self.epoch}")
             metric = result.knn.get("top1", metric)
         result.checkpoint = self._save(f"epoch_{self.epoch:04d}.pt")
-        if self.best_metric is None or metric > self.best_metric:
+        # NaN never becomes best (an epoch of skipped steps has no loss; NaN features no kNN).
+        if math.isfinite(metric) and (self.best_metric is None or metric > self.best_metric):
             self.best_metric = metric
             self._save("best.pt", prune=False)
 
@@ -265,13 +295,18 @@ class Trainer:
                    max_steps: int | None) -> tuple[float, bool]:
         """Train until the epoch ends, a stop signal, or ``max_steps``.
 
-        Returns the epoch's mean loss so far and whether the epoch was completed. Host syncs
-        (logging, the non-finite check) happen every ``train.log_every`` steps only.
+        Returns the epoch's mean loss so far (over the steps not skipped; NaN if none) and
+        whether the epoch was completed. Host syncs (logging, the non-finite check) happen
+        every ``train.log_every`` steps only.
         """
         cfg = self.cfg
         losses: list[torch.Tensor] = []      # device tensors since the last sync
         stds: list[torch.Tensor] = []
         loss_sum, loss_n = 0.0, 0
+
+        def epoch_loss() -> float:
+            return loss_sum / loss_n if loss_n else math.nan
+
         window_start = time.perf_counter()
         data_wait = 0.0
         it = iter(self.loader)
@@ -280,7 +315,7 @@ class Trainer:
             batch = next(it, None)
             data_wait += time.perf_counter() - t0
             if batch is None:
-                return loss_sum / max(loss_n, 1), True
+                return epoch_loss(), True
             self.schedule.set(self.step)
             out = self.step_fn(batch)
             losses.append(out.loss.detach())
@@ -298,12 +333,15 @@ class Trainer:
             window = torch.stack([torch.stack(losses), torch.stack(stds)]).float()
             window = dist.all_reduce_mean(window, self.dist).cpu()
             loss_vals, z = window[0], window[1].mean().item()
-            self._check_finite(loss_vals, first_step=self.step - len(losses))
-            loss = loss_vals.mean().item()
-            loss_sum += loss_vals.sum().item()
-            loss_n += len(losses)
+            finite = torch.isfinite(loss_vals)
+            self._check_finite(loss_vals, finite, first_step=self.step - len(losses))
+            kept = loss_vals[finite]  # the steps whose update was applied
+            loss = kept.mean().item() if len(kept) else math.nan
+            loss_sum += kept.sum().item()
+            loss_n += len(kept)
             record = {
                 "epoch": self.epoch, "step": self.step, "loss": loss, "z_std": z,
+                "skipped_steps": len(losses) - len(kept),
                 "z_std_healthy": 1.0 / math.sqrt(cfg.model.dim),
                 "lr": self.schedule.lr_at(self.step - 1),
                 "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
@@ -317,20 +355,35 @@ class Trainer:
             if dist.broadcast_flag(stop.received is not None, self.dist, self.device):
                 result.stopped_by = "signal"
             if result.stopped_by is not None or hit_max:
-                return loss_sum / max(loss_n, 1), end_of_epoch
+                return epoch_loss(), end_of_epoch
 
-    def _check_finite(self, loss_vals: torch.Tensor, first_step: int) -> None:
-        bad = (~torch.isfinite(loss_vals)).nonzero()
-        if len(bad) == 0:
+    def _check_finite(self, loss_vals: torch.Tensor, finite: torch.Tensor, first_step: int) -> None:
+        """Stop on a non-finite loss (``stop``), or after ``train.max_skipped_steps`` skipped
+        steps in a row (``skip``: each such step left every state as it was)."""
+        skip = self.cfg.train.on_nonfinite == "skip"
+        if skip:
+            for ok in finite.tolist():
+                self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
+        if bool(finite.all()):
             return
-        step = first_step + int(bad[0]) + 1
-        msg = f"non-finite loss ({loss_vals[int(bad[0])].item()}) at step {step} (epoch {self.epoch})"
-        if self.cfg.train.on_nonfinite == "stop":
-            path = self._save("debug_nonfinite.pt", prune=False)
-            self.logger.log({"event": "nonfinite", "step": step, "checkpoint": str(path)})
-            raise TrainingError(f"{msg}; wrote {path} for debugging. Lower optim.lr, use train.amp=bf16, "
-                                f"or set train.on_nonfinite=skip")
-        log.warning("%s: its update was skipped (train.on_nonfinite=skip)", msg)
+        first_bad = int((~finite).nonzero()[0])
+        step = first_step + first_bad + 1
+        msg = f"non-finite loss ({loss_vals[first_bad].item()}) at step {step} (epoch {self.epoch})"
+        if not skip:
+            self._stop_nonfinite(msg, step, "or set train.on_nonfinite=skip")
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            self._stop_nonfinite(f"{self.skipped_in_a_row} non-finite losses in a row up to step "
+                                 f"{first_step + len(loss_vals)} (epoch {self.epoch}), every one skipped "
+                                 f"(train.max_skipped_steps={limit})", step, "")
+        log.warning("%s: that step changed nothing (train.on_nonfinite=skip; %d in a row)", msg,
+                    self.skipped_in_a_row)
+
+    def _stop_nonfinite(self, msg: str, step: int, advice: str) -> None:
+        path = self._save("debug_nonfinite.pt", prune=False)
+        self.logger.log({"event": "nonfinite", "step": step, "checkpoint": str(path)})
+        raise TrainingError(f"{msg}; wrote {path} for debugging. Lower optim.lr, use train.amp=bf16"
+                            + (f", {advice}" if advice else ""))
 
     # ------------------------------------------------------------------------------------
     # helpers
@@ -388,14 +441,14 @@ class Trainer:
             raise TrainingError(f"work dir {wd} already holds a finished run ({self.epoch} of "
                                 f"{self.cfg.train.epochs} epochs); raise train.epochs or use another --work-dir")
         if self.dist.is_main:
+            stale = remove_partials(wd)  # under the lock: no live writer owns them
+            if stale:
+                log.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), wd)
             try:
-                wd.mkdir(parents=True, exist_ok=True)
-                from fastsiam.io import atomic_open
-
                 with atomic_open(wd / CONFIG_FILE, "w") as f:
                     f.write(self.cfg.to_yaml())
-            except PermissionError as e:
-                raise TrainingError(f"work dir {wd} is not writable: {e.strerror}") from None
+            except OSError as e:
+                raise TrainingError(ckpt.describe_write_error(wd / CONFIG_FILE, e, "config")) from None
         dist.barrier(self.dist)
 
     @staticmethod

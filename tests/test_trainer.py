@@ -72,7 +72,8 @@ def test_run_directory_contents(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
     train(toy_imagenet, wd, **{"train.epochs": 3, "output.keep_last": 2})
     names = sorted(p.name for p in wd.iterdir())
-    assert names == ["best.pt", "config.yaml", "epoch_0002.pt", "epoch_0003.pt", "metrics.jsonl"]
+    assert names == [".fastsiam.lock", "best.pt", "config.yaml", "epoch_0002.pt", "epoch_0003.pt",
+                     "metrics.jsonl"]
     saved = load_config(wd / "config.yaml")
     assert saved.train.epochs == 3 and saved.data.batch_size == 16
     state = load_checkpoint(wd / "epoch_0003.pt")          # weights_only=True
