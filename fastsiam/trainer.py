@@ -39,6 +39,7 @@ from fastsiam.io import LockedError, atomic_open, exclusive_lock, remove_partial
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.resume import config_changes, restart_batch
 from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm
 
@@ -101,10 +102,13 @@ class Trainer:
             ``"auto"`` (the newest valid checkpoint in the work dir, or fresh if none) or a path.
     """
 
-    def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None):
+    def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None,
+                 resume_changed: bool = False):
         self.cfg = cfg
         self.work_dir = Path(work_dir) if work_dir else default_work_dir(cfg)
         self.resume = resume
+        self.resume_changed = resume_changed
+        self._resume_event: dict[str, Any] | None = None
         local_rank = dist.local_rank_from_env()
         self.device = dist.resolve_device(cfg.train.device, local_rank)
         # A captured step (train.step=graph on CUDA) captures DDP's all-reduce too, which asks
@@ -188,7 +192,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as e:
+            raise TrainingError(f"its model does not fit this config's model: {_first_line_of(e)}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.load_state_dict(state.get("step_state", {}))
         self.epoch = int(state["epoch"])
@@ -197,6 +204,14 @@ class Trainer:
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         loader_state = state.get("loader")
         if loader_state is not None and state.get("world_size", 1) == self.dist.world_size:
+            old_batch = state.get("config", {}).get("data", {}).get("batch_size", self.cfg.data.batch_size)
+            if old_batch != self.cfg.data.batch_size:  # a resume with --resume-changed
+                start = restart_batch(loader_state["start_batch"], old_batch * self.dist.world_size,
+                                      self.global_batch)
+                log.warning("data.batch_size %d -> %d: epoch %d restarts at batch %d of %d",
+                            old_batch, self.cfg.data.batch_size, loader_state["epoch"], start,
+                            self.steps_per_epoch)
+                loader_state = {**loader_state, "start_batch": start}
             self.loader.load_state_dict(loader_state)
         else:
             self.loader.set_epoch(self.epoch)
@@ -242,6 +257,8 @@ class Trainer:
         cfg = self.cfg
         self._prepare_work_dir()
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main, tensorboard=cfg.output.tensorboard)
+        if self._resume_event is not None:
+            self.logger.log({**self._resume_event, "epoch": self.epoch, "step": self.step})
         result = TrainResult(self.work_dir, self.epoch, self.step, finished=False)
         max_steps = cfg.train.max_steps
         total_steps = cfg.train.epochs * self.steps_per_epoch
@@ -429,17 +446,15 @@ class Trainer:
             if self.resume == "auto":
                 found = ckpt.find_resumable(wd)
                 if found is not None:
-                    path, state = found
-                    self.load_state_dict(state)
-                    log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+                    self._resume_from(*found)
                 elif existing:
                     raise TrainingError(f"work dir {wd}: no readable checkpoint to resume from")
             else:
-                self.load_state_dict(ckpt.load_checkpoint(self.resume))
-                log.info("resumed from %s (epoch %d, step %d)", self.resume, self.epoch, self.step)
+                self._resume_from(Path(self.resume), ckpt.load_checkpoint(self.resume))
         if self.epoch >= self.cfg.train.epochs:
             raise TrainingError(f"work dir {wd} already holds a finished run ({self.epoch} of "
-                                f"{self.cfg.train.epochs} epochs); raise train.epochs or use another --work-dir")
+                                f"{self.cfg.train.epochs} epochs); raise train.epochs (with --resume-changed) "
+                                f"or use another --work-dir")
         if self.dist.is_main:
             stale = remove_partials(wd)  # under the lock: no live writer owns them
             if stale:
@@ -451,6 +466,25 @@ class Trainer:
                 raise TrainingError(ckpt.describe_write_error(wd / CONFIG_FILE, e, "config")) from None
         dist.barrier(self.dist)
 
+    def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
+        """Load ``state`` unless this run's config changes its trajectory (fastsiam.resume)."""
+        saved = state.get("config")
+        if isinstance(saved, dict):
+            trajectory, _ = config_changes(saved, self.cfg.to_dict())
+            if trajectory and not self.resume_changed:
+                raise TrainingError(
+                    f"{path}: this config changes the run's trajectory ({'; '.join(map(str, trajectory))}); "
+                    "resume with the run's config, or pass --resume-changed to continue anyway")
+            if trajectory:
+                log.warning("resuming %s with a changed config: %s", path, "; ".join(map(str, trajectory)))
+                self._resume_event = {"event": "resume_changed", "checkpoint": str(path),
+                                      "changed": {c.key: [c.old, c.new] for c in trajectory}}
+        try:
+            self.load_state_dict(state)
+        except TrainingError as e:
+            raise TrainingError(f"{path}: {e}") from None
+        log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+
     @staticmethod
     def _seed_everything(seed: int) -> None:
         import random
@@ -460,6 +494,13 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+def _first_line_of(e: BaseException) -> str:
+    """The first specific line of an error (torch's state-dict errors start with a header)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [repr(e)])[0]
+    return detail if len(detail) <= 300 else detail[:297] + "..."
 
 
 def _git_commit() -> str | None:

@@ -38,9 +38,10 @@ def toy_overrides(toy: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def train(toy: Path, work_dir: Path, resume: str | None = None, **extra: object) -> Trainer:
+def train(toy: Path, work_dir: Path, resume: str | None = None, resume_changed: bool = False,
+          **extra: object) -> Trainer:
     cfg = load_config(None, toy_overrides(toy, **extra))
-    trainer = Trainer(cfg, work_dir=work_dir, resume=resume)
+    trainer = Trainer(cfg, work_dir=work_dir, resume=resume, resume_changed=resume_changed)
     trainer.result = trainer.fit()  # type: ignore[attr-defined]
     return trainer
 
