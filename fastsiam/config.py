@@ -6,14 +6,26 @@ including file; later files and then command-line overrides win key by key. Ever
 a :class:`ConfigError` with one line naming the file, the dotted key and what was expected.
 
 Field metadata carries validation: ``choices`` (allowed strings), ``min``/``max`` (inclusive
-bounds), and ``help`` (shown by ``fastsiam train --help-config``).
+bounds), ``gt`` (an exclusive lower bound), ``ordered`` (a ``[min, max]`` pair with min <= max)
+and ``help`` (shown by ``fastsiam train --help-config``). Integers are 64-bit (torch's seeds
+and sizes are C integers). ``data.options`` must be keyword arguments of the backend's
+``build`` (read from its source, so a backend whose library is not installed is checked too).
+
+Config files are small UTF-8 YAML without aliases (``*name``): an alias shares one node, and
+anything that expands the config (``Config.to_dict``, ``--print-config``, a checkpoint's
+stored config) multiplies shared nodes, so a few lines of nested aliases become gigabytes
+(the "billion laughs"); ``_base_`` is how configs share values. Duplicate keys are refused
+too, since YAML would silently keep only the last.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
+import inspect
 import math
 import types
 import typing
@@ -43,9 +55,11 @@ class DataConfig:
     batch_size: int = _f(32, min=1, help="images per GPU (per process) per step")
     workers: int = _f(8, min=0, help="loader worker processes/threads per process")
     image_size: int = _f(224, min=8, help="side of the square crops fed to the model")
-    scale: list[float] = _f([0.2, 1.0], length=2, min=0.0, max=1.0, help="RandomResizedCrop area range")
-    ratio: list[float] = _f([0.75, 1.3333333333333333], length=2, min=0.0, help="RandomResizedCrop aspect range")
-    options: dict[str, Any] = _f({}, help="backend-specific keyword arguments")
+    scale: list[float] = _f([0.2, 1.0], length=2, min=0.0, max=1.0, ordered=True,
+                            help="RandomResizedCrop area range [min, max]")
+    ratio: list[float] = _f([0.75, 1.3333333333333333], length=2, gt=0.0, ordered=True,
+                            help="RandomResizedCrop aspect range [min, max]")
+    options: dict[str, Any] = _f({}, help="backend-specific keyword arguments (of the backend's build())")
     on_corrupt: str = _f("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
                          "with an error naming its shard/file and sample, or skip it (logged and counted)")
 
@@ -60,7 +74,7 @@ class AugConfig:
     hue: float = _f(0.1, min=0.0, max=0.5)
     grayscale_p: float = _f(0.2, min=0.0, max=1.0)
     blur_p: float = _f(0.5, min=0.0, max=1.0)
-    blur_sigma: list[float] = _f([0.1, 2.0], length=2, min=0.0)
+    blur_sigma: list[float] = _f([0.1, 2.0], length=2, gt=0.0, ordered=True)
     blur_kernel_size: int = _f(23, min=1, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
     solarize_p: float = _f(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
     solarize_threshold: float = _f(0.5, min=0.0, max=1.0)
@@ -81,9 +95,10 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = _f("sgd", choices=["sgd", "lars"])
-    lr: float = _f(0.05, min=0.0, help="base lr per 256 images; the run uses lr x global_batch / 256")
+    lr: float = _f(0.05, min=0.0, max=1e30, help="base lr per 256 images; the run uses lr x global_batch / 256 "
+                   "(at most 1e30: that must fit the float32 lr tensors; a diverging lr stops at a non-finite loss)")
     momentum: float = _f(0.9, min=0.0, max=1.0)
-    weight_decay: float = _f(1e-4, min=0.0)
+    weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="at most 1 (recipes use 1e-6 to 0.1)")
     fix_pred_lr: bool = _f(True, help="keep the predictor at the initial lr (the official recipe)")
     exclude_1d_from_wd: bool = _f(False, help="no weight decay (nor LARS adaptation) for 1-D params")
     trust_coefficient: float = _f(0.001, min=0.0, help="LARS trust coefficient")
@@ -96,7 +111,7 @@ class ScheduleConfig:
     name: str = _f("cosine", choices=["cosine", "cosine_epoch", "constant"],
                    help="cosine: per step; cosine_epoch: the official per-epoch cosine")
     warmup_epochs: float = _f(0.0, min=0.0)
-    min_lr: float = _f(0.0, min=0.0, help="final lr as a fraction of the peak")
+    min_lr: float = _f(0.0, min=0.0, max=1.0, help="final lr as a fraction of the peak")
 
 
 @dataclass
@@ -161,6 +176,9 @@ class Config:
 # loading
 
 
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few KiB; a bigger file is a data file given by mistake
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (with its ``_base_`` chain), apply ``key=value`` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -171,40 +189,117 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         raw.setdefault("name", path.stem)
     overridden = {_apply_override(raw, item) for item in overrides or []}
-    return _build(Config, raw, _Origin(source, frozenset(overridden)), prefix="")
+    return _finish(raw, _Origin(source, frozenset(overridden)))
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Build and validate a :class:`Config` from a plain nested dict."""
-    return _build(Config, raw, _Origin(source, frozenset()), prefix="")
+    return _finish(raw, _Origin(source, frozenset()))
+
+
+def _finish(raw: dict[str, Any], origin: _Origin) -> Config:
+    cfg: Config = _build(Config, raw, origin, prefix="")
+    _check_backend_options(cfg.data, origin)
+    return cfg
 
 
 def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         where = f" (included from {chain[-1]})" if chain else ""
-        raise ConfigError(f"{path}: config file not found{where}")
+        what = "not a regular file" if path.exists() else "config file not found"
+        raise ConfigError(f"{path}: {what}{where}")
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError(f"{path}: _base_ cycle: {' -> '.join(str(p) for p in (*chain, resolved))}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        data = _load_yaml(_read_text(path))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise _yaml_error(e, str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    bases = data.pop("_base_", [])
-    if isinstance(bases, str):
+    bases = data.pop("_base_", None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        bad = next(b for b in bases if not isinstance(b, str)) if isinstance(bases, list) else bases
+        raise ConfigError(f"{path}: '_base_' must be a file name or a list of file names, got {_show(bad)}")
     merged: dict[str, Any] = {}
     for base in bases:
         merged = _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, resolved)))
     merged.pop("name", None)  # a run is named after the file the user gave, not its bases
     return _merge(merged, data)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text. Checked before YAML sees it: PyYAML's errors for binary input do not
+    name the file and span lines, and a huge file is read whole."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too big for a config (at most {MAX_CONFIG_BYTES}); "
+                              "a config is a YAML text file")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}: not a text file: NUL byte at offset {nul}; a config is a YAML text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file: byte 0x{data[e.start]:02x} at offset {e.start}; "
+                          "a config is a YAML text file") from None
+
+
+class _AliasRefused(yaml.MarkedYAMLError):
+    """An alias in a config (a refusal, not a syntax error: the message does not say invalid)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and without duplicate keys (module docstring)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(problem=f"YAML alias *{event.anchor} refused (an alias shares a node, and "
+                                        f"expanding nested aliases can take gigabytes); write the value out, "
+                                        f"or share it through _base_", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                with contextlib.suppress(TypeError):  # an unhashable key: SafeLoader's own error
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            problem=f"duplicate key {key!r} (first at line {first[key] + 1})",
+                            problem_mark=key_node.start_mark)
+                    first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(e: yaml.YAMLError, where: str, *, line: bool = True) -> ConfigError:
+    """One line naming ``where`` (and the line) for a YAML error, which PyYAML spreads over several."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" line {mark.line + 1}:" if mark and line else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if not isinstance(e, _AliasRefused):
+        problem = f"invalid YAML: {problem}"
+    return ConfigError(f"{where}:{at} {problem}")
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -222,18 +317,25 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     if "=" not in item:
         raise ConfigError(f"command line: override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise ConfigError(f"command line: override {item!r}: {key!r} is not a dotted key "
+                          "(section.key=value, names separated by single dots)")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _load_yaml(text) if text.strip() else ""
+    except _AliasRefused as e:
+        raise _yaml_error(e, f"command line: override {item!r}", line=False) from None
     except yaml.YAMLError:
-        value = text
+        value = text  # not YAML (a path with ': ' in it...): the text as it is
     node = raw
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
+    for i, p in enumerate(parts[:-1]):
+        if p in node and not isinstance(node[p], dict):
+            raise ConfigError(f"command line: override {item!r}: {'.'.join(parts[:i + 1])!r} is not a section "
+                              f"(it holds {_show(node[p])})")
+        node = node.setdefault(p, {})
     node[parts[-1]] = value
-    return key.strip()
+    return key
 
 
 @dataclass(frozen=True)
@@ -244,12 +346,17 @@ class _Origin:
     overridden: frozenset[str]
 
     def of(self, dotted: str) -> str:
-        return "command line" if dotted in self.overridden else self.source
+        """``command line`` for an overridden key, a key inside one (``data.options.x`` of
+        ``data.options={...}``) or a key an override built (``train.seed`` of ``train.seed.x=1``)."""
+        for key in self.overridden:
+            if dotted and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")):
+                return "command line"
+        return self.source
 
 
 def _build(cls: type, raw: Any, origin: _Origin, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin.of(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{origin.of(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -283,35 +390,94 @@ def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, src:
         with contextlib.suppress(ValueError):
             value = float(value)
     if hint is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {_show(value)}")
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a list, got {_show(value)}")
         n = meta.get("length")
         if n is not None and len(value) != n:
-            raise ConfigError(f"{where}: '{key}' must have {n} items, got {len(value)}: {value!r}")
-        value = [_check(v, args[0], {k: meta[k] for k in ("min", "max") if k in meta}, key, src) for v in value]
+            raise ConfigError(f"{where}: '{key}' must have {n} items, got {len(value)}: {_show(value)}")
+        value = [_check(v, args[0], {k: meta[k] for k in ("min", "max", "gt") if k in meta}, key, src) for v in value]
+        if meta.get("ordered") and value[0] > value[1]:
+            raise ConfigError(f"{where}: '{key}' must be [min, max] with min <= max, got {_show(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {_show(value)}")
         return value
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: '{key}' must be {expected}, got {value!r}")
+        raise ConfigError(f"{where}: '{key}' must be {expected}, got {_show(value)}")
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint_s = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}{hint_s}")
-    lo, hi = meta.get("min"), meta.get("max")
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {_show(value)}{hint_s}")
+    lo, gt, hi = meta.get("min"), meta.get("gt"), meta.get("max")
     if lo is not None and value < lo:
         raise ConfigError(f"{where}: '{key}' must be >= {lo}, got {value!r}")
+    if gt is not None and value <= gt:
+        raise ConfigError(f"{where}: '{key}' must be > {gt}, got {value!r}")
     if hi is not None and value > hi:
         raise ConfigError(f"{where}: '{key}' must be <= {hi}, got {value!r}")
+    if hint is int and value > _INT_MAX:
+        raise ConfigError(f"{where}: '{key}' must be <= {_INT_MAX} (a 64-bit integer), got {value!r}")
     return value
+
+
+_INT_MAX = 2**63 - 1  # torch takes seeds and sizes as C int64; a bigger int fails deep inside it
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, shortened: an error stays one readable line whatever the value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _check_backend_options(data: DataConfig, origin: _Origin) -> None:
+    """Each ``data.options`` key must be an option of the backend (a keyword argument of its
+    ``build``), or the loader fails later with a ``TypeError`` traceback; a backend fastsiam
+    does not know (mistyped, or registered by user code later) is left to ``build_loader``."""
+    if not data.options:
+        return
+    accepted = _backend_options(data.backend)
+    if accepted is None:
+        return
+    for name in data.options:
+        if name in accepted:
+            continue
+        dotted = f"data.options.{name}"
+        close = difflib.get_close_matches(str(name), accepted, n=1)
+        if close:
+            hint = f"did you mean '{close[0]}'?"
+        else:
+            hint = f"accepted options: {', '.join(accepted)}" if accepted else "it takes no options"
+        raise ConfigError(f"{origin.of(dotted)}: unknown option '{dotted}' for the {data.backend} backend; {hint}")
+
+
+def _backend_options(backend: str) -> list[str] | None:
+    """The options of a registered backend: its ``build``'s keyword arguments beyond those of
+    ``build_loader``, read from the module's source rather than by importing it, since the
+    ffcv and DALI modules import their libraries, which a machine writing configs may lack.
+    ``None`` when they cannot be known (not registered, no ``def build``, or ``**kwargs``)."""
+    from fastsiam import data  # here: the registry imports torch, which config files do not need
+
+    spec = data._BACKENDS.get(backend)
+    try:
+        module = importlib.util.find_spec(spec.module) if spec is not None else None
+    except (ImportError, ValueError):  # a registered module whose package is missing
+        return None
+    if module is None or module.origin is None or not module.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(module.origin).read_text(), module.origin)
+    build = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build"), None)
+    if build is None or build.args.kwarg is not None:
+        return None
+    common = set(inspect.signature(data.build_loader).parameters) | {"path"}
+    names = [a.arg for a in (*build.args.posonlyargs, *build.args.args, *build.args.kwonlyargs)]
+    return [n for n in names if n not in common]
 
 
 def describe() -> str:

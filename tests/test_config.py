@@ -112,7 +112,7 @@ def test_base_cycle_is_an_error(tmp_path: Path) -> None:
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
     f = write(tmp_path / "bad.yaml", "optim:\n  lr: [0.1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+ invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+: invalid YAML"):
         load_config(f)
 
 

@@ -18,10 +18,10 @@ from fastsiam.trainer import TrainingError
 def test_config_changes_split_trajectory_from_harmless_keys() -> None:
     a = load_config(None, []).to_dict()
     b = load_config(None, ["data.batch_size=8", "train.log_every=3", "data.workers=1",
-                           "eval.knn_k=5", "data.options={resize: batched}"]).to_dict()
+                           "eval.knn_k=5", "data.options={augment: crop}"]).to_dict()
     trajectory, harmless = config_changes(a, b)
     assert [str(c) for c in trajectory] == ["data.batch_size 32 -> 8",
-                                           "data.options {} -> {'resize': 'batched'}"]
+                                           "data.options {} -> {'augment': 'crop'}"]
     assert [c.key for c in harmless] == ["data.workers", "eval.knn_k", "train.log_every"]
     assert config_changes(a, a) == ([], [])
 
@@ -65,3 +65,20 @@ def test_a_model_that_does_not_fit_is_one_line(toy_imagenet: Path, tmp_path: Pat
     with pytest.raises(TrainingError, match=r"^.*step_00000001.pt: its model does not fit this config's "
                                              r"model: size mismatch for .*$"):
         train(toy_imagenet, wd, resume="auto", resume_changed=True, **{"model.dim": 32})
+
+
+def test_resume_from_a_torchvision_state_dict_is_one_line(toy_imagenet: Path, tmp_path: Path) -> None:
+    import torch
+    from torchvision.models import resnet18
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), path)
+    with pytest.raises(TrainingError, match=r"resnet18.pth: --resume needs a fastsiam training checkpoint "
+                                             r".*this is a torchvision ResNet state dict"):
+        train(toy_imagenet, tmp_path / "run", resume=str(path))
+    # --resume auto passes over such a file (with a warning) instead of failing on it
+    wd = tmp_path / "run2"
+    wd.mkdir()
+    torch.save(resnet18().state_dict(), wd / "epoch_0001.pt")
+    with pytest.raises(TrainingError, match=r"no readable checkpoint to resume from"):
+        train(toy_imagenet, wd, resume="auto")
