@@ -2,7 +2,9 @@
 
 Every subcommand that takes ``--config`` also takes dotted ``section.key=value`` overrides
 and ``--print-config``. Errors a user can fix (a bad config key, a missing file, a wrong data
-format) are printed as one line and exit with status 2, without a traceback.
+format, a non-finite loss) are printed as one line, ``fastsiam <command>: error: ...``, and
+exit with status 2, without a traceback; ``--debug`` (before or after the command) re-raises
+them instead, for the traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastsiam.config import Config, ConfigError, describe, load_config
@@ -37,6 +40,19 @@ def _print_config_and_exit(cfg: Config) -> int:
     return 0
 
 
+def _check_work_dir(path: str | Path, from_flag: bool) -> None:
+    """Refuse a work dir that is, or lies under, an existing file now, in words, rather than
+    as an ``OSError`` once the model and the loader are built."""
+    name = f"--work-dir {path}" if from_flag else f"output.work_dir {path}"
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "" if q == p else f": {q}"
+                raise ConfigError(f"{name}{where} is a file; the work dir must be a directory (created if missing)")
+            return
+
+
 # ----------------------------------------------------------------------------------------------
 # subcommands
 
@@ -59,9 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         return _print_config_and_exit(cfg)
 
-    from fastsiam.trainer import Trainer
+    from fastsiam.trainer import Trainer, default_work_dir
 
-    trainer = Trainer(cfg, resume=args.resume)
+    _check_work_dir(default_work_dir(cfg), from_flag=bool(args.work_dir))
+    trainer = Trainer(cfg, resume=args.resume, resume_changed=args.resume_changed)
     result = trainer.fit()
     if trainer.dist.is_main:
         _print_train_summary(result)
@@ -103,6 +120,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     if args.print_config:
         return _print_config_and_exit(cfg)
+    _check_work_dir(cfg.output.work_dir or Path("work_dirs") / cfg.name, from_flag=bool(args.work_dir))
     from fastsiam.evaluate import run_linear
 
     res = run_linear(cfg, cfg.eval.pretrained)
@@ -164,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsiam", description=__doc__.splitlines()[0])
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="SimSiam pretraining (single process or under torchrun)")
@@ -173,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="run directory (default: work_dirs/<config name>)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps, with a checkpoint")
     p.add_argument("--resume", nargs="?", const="auto", help="'auto' (newest valid checkpoint in the work dir) or a path")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume even though the config changes the run's trajectory (batch size, model, "
+                        "data, seed, optimizer, schedule, epochs): the changes are logged, the epoch "
+                        "continues at the same sample")
     p.add_argument("--seed", type=int)
     p.add_argument("--deterministic", action="store_true", help="bit-reproducible CPU run")
     p.set_defaults(func=cmd_train)
@@ -214,10 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir")
     p.add_argument("--out", help="output folder (default: <work_dir>/plots)")
     p.set_defaults(func=cmd_plot)
+    for p in dict.fromkeys(sub.choices.values()):  # also after the command; SUPPRESS keeps a global --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, ImportError)
+_DEBUG_HELP = "on an error, raise it with its traceback instead of the one-line message"
+# ValueError includes the data layer's (ShardFormatError, JPEGHeaderError) and WeightsError;
+# OSError includes FileNotFoundError and PermissionError.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message's first line (a library's may span several; the rest is for --debug), and
+    an OSError as ``file: reason``, the order of fastsiam's own messages."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return lines[0] + (" (details: --debug)" if len(lines) > 1 else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (*_USER_ERRORS, CheckpointError, TrainingError) as e:
-        print(f"fastsiam {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"fastsiam {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -38,16 +38,31 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks ``cuda:<local_rank>`` when a GPU exists, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
+    """``auto`` picks ``cuda:<local_rank>`` when a GPU exists, else the CPU.
+
+    A device this machine cannot give is a :class:`ValueError` naming ``key`` (the config key
+    or argument the name came from) and what would work: it is the user's value that is wrong
+    here, and the CLI prints ValueErrors as one line.
+    """
+    target = name
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(target)
+    except RuntimeError:
+        raise ValueError(f"{key}={name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} asks for CUDA, but torch sees no GPU; use cpu or auto")
-        if device.index is None:
+            raise ValueError(f"{key}={name!r} asks for CUDA, but torch sees no GPU "
+                             f"(torch.cuda.is_available() is False); use cpu or auto")
+        by_rank = device.index is None
+        if by_rank:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"{key}={name!r}: this machine has {count} GPUs (cuda:0 to cuda:{count - 1})"
+                             + (f"; local rank {local_rank} has none" if by_rank else ""))
         torch.cuda.set_device(device)
     return device
 
