@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict, load_config
 from fastsiam.dist import resolve_device
+from fastsiam.imageio import to_rgb
 from fastsiam.model import SimSiam
 from fastsiam.weights import (
     LINEAR_FORMAT,
@@ -182,7 +183,7 @@ def get_model(
         classes = classes_of(obj)
     model.cfg = cfg
     model.classes = classes
-    return model.to(resolve_device(str(device)) if device is not None else torch.device("cpu")).eval()
+    return model.to(resolve_device(str(device), key="device") if device is not None else torch.device("cpu")).eval()
 
 
 def _is_weight_file(x: Any) -> bool:
@@ -206,21 +207,36 @@ def _imagenet_classes() -> list[str]:
 
 
 def load_image(image: str | Path | np.ndarray | Image.Image) -> Image.Image:
-    """An RGB PIL image from a path, an ``H x W x 3`` uint8 RGB array or a PIL image."""
+    """An RGB PIL image from a path, an ``H x W x 3`` uint8 RGB array or a PIL image.
+
+    16-bit and float images are rescaled, not clipped (:func:`fastsiam.imageio.to_rgb`). An
+    image without pixels, a file PIL cannot decode and one over PIL's decompression-bomb limit
+    are a one-line ``ValueError`` naming the input, not an error from deep inside PIL or the
+    resize.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _with_pixels(to_rgb(image), f"image (PIL, mode {image.mode})")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image array must be H x W x 3 uint8 RGB, got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
+        return _with_pixels(Image.fromarray(image), f"image array {image.shape}")
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} not found")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as e:
+            return _with_pixels(to_rgb(img), f"image {path}")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: refused, a possible decompression bomb ({e}); raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS if the image is real") from None
+    except (OSError, SyntaxError) as e:  # PIL's errors for files that are not (whole) images
         raise ValueError(f"{path}: not a readable image: {e}") from None
+
+
+def _with_pixels(img: Image.Image, what: str) -> Image.Image:
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"{what} has no pixels ({img.width}x{img.height})")
+    return img
 
 
 @torch.no_grad()
@@ -242,7 +258,7 @@ def inference_model(
     from fastsiam.data.pil_loader import eval_transform
     from fastsiam.evaluate import normalize_view
 
-    dev = resolve_device(str(device)) if device is not None else None
+    dev = resolve_device(str(device), key="device") if device is not None else None
     if not isinstance(model, nn.Module):
         model = get_model(model, pretrained=pretrained, device=dev)
     elif dev is not None:
