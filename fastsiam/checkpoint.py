@@ -112,12 +112,15 @@ def periodic_checkpoints(work_dir: str | Path) -> list[Path]:
 def find_resumable(work_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``work_dir`` that loads, by global step; corrupt ones are
     skipped with a warning naming them."""
+    from fastsiam.weights import WeightsError, check_resumable
+
     candidates = []
     for p in periodic_checkpoints(work_dir):
         try:
             state = load_checkpoint(p)
-            candidates.append((int(state.get("step", -1)), p.stat().st_mtime_ns, p, state))
-        except CheckpointError as e:
+            check_resumable(state, p)
+            candidates.append((int(state["step"]), p.stat().st_mtime_ns, p, state))
+        except (CheckpointError, WeightsError) as e:
             log.warning("skipping %s", e)
     if not candidates:
         return None

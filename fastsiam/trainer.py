@@ -42,6 +42,7 @@ from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes, restart_batch
 from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm
+from fastsiam.weights import WeightsError, check_resumable
 
 log = logging.getLogger("fastsiam")
 LOCK_FILE = ".fastsiam.lock"
@@ -468,6 +469,10 @@ class Trainer:
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
         """Load ``state`` unless this run's config changes its trajectory (fastsiam.resume)."""
+        try:
+            check_resumable(state, path)
+        except WeightsError as e:
+            raise TrainingError(str(e)) from None
         saved = state.get("config")
         if isinstance(saved, dict):
             trajectory, _ = config_changes(saved, self.cfg.to_dict())

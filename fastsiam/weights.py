@@ -104,6 +104,64 @@ def detect_format(obj: Mapping[str, Any]) -> str:
     return "torchvision"
 
 
+#: What ``Trainer.load_state_dict`` needs from a checkpoint to continue a run.
+RESUME_KEYS = ("model", "optimizer", "epoch", "step", "rng")
+_FORMAT_NAMES = {"fastsiam": "a fastsiam model checkpoint", "official": "an official SimSiam checkpoint",
+                 "mmpretrain": "an mmpretrain checkpoint", "torchvision": "a torchvision ResNet state dict"}
+
+
+def describe_checkpoint(obj: Mapping[str, Any]) -> str:
+    """What a loaded checkpoint file holds, in a few words for an error message
+    ("a torchvision ResNet state dict (62 tensors)", "a fastsiam training checkpoint (epoch 3,
+    step 120)"), so a refusal can say what the user gave, not only what was expected."""
+    return _describe(obj)[0]
+
+
+def _describe(obj: Mapping[str, Any]) -> tuple[str, bool]:
+    """``(description, whether it is model weights in a format fastsiam reads)``."""
+    if not obj:
+        return "an empty dict", False
+    if obj.get("format") == LINEAR_FORMAT:
+        return "a fastsiam linear classifier checkpoint", True
+    if all(k in obj for k in RESUME_KEYS):
+        return f"a fastsiam training checkpoint (epoch {obj['epoch']}, step {obj['step']})", True
+    try:
+        fmt = detect_format(obj)
+        sd = _state_dict_of(obj, source="<checkpoint>")
+    except WeightsError:
+        return f"a dict with keys {_listing(map(str, obj))} (not a recognised checkpoint)", False
+    if fmt == "fastsiam":
+        return f"{_FORMAT_NAMES[fmt]} without {', '.join(sorted(k for k in RESUME_KEYS if k not in obj))}", True
+    if fmt == "torchvision" and any(_canonical_key(k) is None for k in _strip_module(sd)):
+        return f"a state dict of {len(sd)} tensors that is not a ResNet's (keys {_listing(sd)})", False
+    return f"{_FORMAT_NAMES[fmt]} ({len(sd)} tensors)", True
+
+
+def check_resumable(state: Mapping[str, Any], path: str | Path) -> None:
+    """Refuse, in one :class:`WeightsError` line naming ``path``, a checkpoint ``--resume``
+    cannot continue from: weights of any format (they hold no optimizer, step or RNG state),
+    or a training checkpoint whose entries have the wrong types. Call it before
+    ``Trainer.load_state_dict``, which would otherwise fail with a ``KeyError`` traceback."""
+    if any(k not in state for k in RESUME_KEYS):
+        what, is_weights = _describe(state)
+        raise WeightsError(f"{path}: --resume needs a fastsiam training checkpoint (the epoch_*.pt or step_*.pt "
+                           f"that fastsiam train writes: {', '.join(RESUME_KEYS)}); this is {what}"
+                           + (", weights for knn/linear --pretrained" if is_weights else ""))
+    for key, ok, expected in (
+        ("model", isinstance(state["model"], Mapping), "a state dict"),
+        ("optimizer", isinstance(state["optimizer"], Mapping) and "param_groups" in state["optimizer"],
+         "an optimizer state dict"),
+        ("epoch", isinstance(state["epoch"], int) and not isinstance(state["epoch"], bool), "an integer"),
+        ("step", isinstance(state["step"], int) and not isinstance(state["step"], bool), "an integer"),
+        ("rng", isinstance(state["rng"], Mapping), "a dict of RNG states"),
+    ):
+        if not ok:
+            value = state[key]
+            shown = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) <= 40 else \
+                type(value).__name__
+            raise WeightsError(f"{path}: a damaged training checkpoint: '{key}' is {shown}, not {expected}")
+
+
 def canonical_state_dict(obj: Mapping[str, Any], source: str = "<checkpoint>") -> dict[str, Tensor]:
     """Convert any recognised checkpoint (see the module docstring) to canonical keys."""
     sd = _strip_module(_state_dict_of(obj, source))
