@@ -13,17 +13,25 @@ images exist, in which order, with which labels, and which files are skipped:
 A label is a class index or a class name; ``--classes classes.json`` pins the mapping (reuse
 train's for val). Every image is fully decoded once to check it: corrupt or truncated files,
 zero-byte files and non-images are skipped and listed with the reason in a report beside the
-output (``--strict`` turns the first one into an error). Work is spread over worker processes
-with an ordered, bounded :func:`parallel_map`, so the output order never depends on timing.
+output (``--strict`` turns the first one into an error). Listing follows symbolic links but
+visits each real folder once, and reports what it cannot use instead of dropping it: link
+loops, unreadable folders, FIFOs and other files that are not regular files. Work is spread
+over worker processes with an ordered, bounded :func:`parallel_map`, so the output order never
+depends on timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import hashlib
 import io
 import json
 import multiprocessing
 import os
+import re
+import stat
 import threading
 import warnings
 from collections import deque
@@ -35,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from fastsiam import imageio
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder considers images.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,13 +65,47 @@ class ConversionError(Exception):
 
 
 class BadFileError(ConversionError):
-    """A bad input file under ``--strict``."""
+    """A bad input file or folder under ``--strict``."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"bad input file {path}: {reason} (--strict stops at the first bad file; "
-                         f"drop --strict to skip and report such files)")
+        super().__init__(f"bad input {shown(path)}: {reason} (--strict stops at the first bad "
+                         f"input; drop --strict to skip and report such files)")
         self.path = path
         self.reason = reason
+
+
+def write_error(e: OSError, target: str | os.PathLike[str]) -> ConversionError:
+    """The one-line error for a failed write of the output ``target``."""
+    return ConversionError(f"cannot write {shown(target)}: {os_error_reason(e)}")
+
+
+def os_error_reason(e: OSError) -> str:
+    """The reason part of a one-line error about ``e`` (a full disk says so plainly)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    return e.strerror or str(e)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` beside the output ``out`` for the block, or refuse in one line.
+
+    Two conversions to one output would destroy each other's temporary files; the second is
+    refused, naming the first one's PID. The kernel drops the lock when its holder dies
+    (``kill -9`` included), so a lock file left behind never blocks a later run.
+    """
+    from fastsiam.io import LockedError, exclusive_lock
+
+    with contextlib.ExitStack() as stack:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(out.parent / f".{out.name}.lock",
+                                               f"output {shown(out)}"))
+        except LockedError as e:
+            raise ConversionError(str(e)) from None
+        except OSError as e:
+            raise write_error(e, out) from None
+        yield
 
 
 # ----------------------------------------------------------------------------- listing
@@ -129,14 +173,18 @@ def read_classes(path: str | os.PathLike[str]) -> list[str]:
     return data
 
 
+def classes_json(classes: Sequence[str]) -> str:
+    """``{"classes": [...], "class_to_idx": {...}}``, what :func:`read_classes` reads."""
+    return json.dumps({"classes": list(classes),
+                       "class_to_idx": {c: i for i, c in enumerate(classes)}}, indent=1) + "\n"
+
+
 def write_classes(path: str | os.PathLike[str], classes: Sequence[str]) -> None:
-    """Write ``{"classes": [...], "class_to_idx": {...}}`` atomically."""
+    """Write :func:`classes_json` atomically."""
     from fastsiam.io import atomic_open
 
     with atomic_open(path, "w") as f:
-        json.dump({"classes": list(classes),
-                   "class_to_idx": {c: i for i, c in enumerate(classes)}}, f, indent=1)
-        f.write("\n")
+        f.write(classes_json(classes))
 
 
 def _is_image_name(name: str) -> bool:
@@ -148,9 +196,81 @@ def _non_image(rel: str) -> tuple[str, str]:
     return rel, f"not an image (extension {ext}; images are {', '.join(IMG_EXTENSIONS)})"
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a report."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _irregular(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a folder nor a regular file cannot be an image.
+
+    Opening a FIFO for reading waits for a writer forever; devices and sockets are no images.
+    """
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return "not a regular file (a broken symbolic link)"
+    return f"not a regular file ({_kind(mode)})"
+
+
+def _scan(folder: str) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_class(top: str, root: str, seen: dict[tuple[int, int], str]
+                ) -> tuple[list[tuple[str, list[os.DirEntry]]], list[tuple[str, str]]]:
+    """``os.walk(top, followlinks=True)`` that visits each real folder once.
+
+    Returns ``(dirpath, file entries)`` per visited folder and the rejected ``(rel, reason)``:
+    a link back to a folder being walked (a loop, which ``os.walk`` follows ~40 levels deep),
+    a second name for a folder already listed (its images would be listed twice), a folder
+    that cannot be read (``os.walk`` drops those silently). ``seen`` maps the real folders
+    already listed, by (st_dev, st_ino), to their path; folders are entered in sorted order,
+    so which name of a folder is kept does not depend on the file system.
+    """
+    visited: list[tuple[str, list[os.DirEntry]]] = []
+    rejected: list[tuple[str, str]] = []
+    stack: list[tuple[str, frozenset[tuple[int, int]]]] = [(top, frozenset(seen))]
+    while stack:
+        dirpath, ancestors = stack.pop()
+        rel = os.path.relpath(dirpath, root)
+        try:
+            key = _dir_key(dirpath)
+            entries = _scan(dirpath)
+        except OSError as e:
+            rejected.append((rel, f"folder not readable ({e.strerror or e})"))
+            continue
+        if key in seen:
+            first = os.path.relpath(seen[key], root)
+            first = "the --src folder" if first == "." else first
+            reason = (f"symbolic link loop (leads back to {first}); not followed" if key in ancestors
+                      else f"same folder as {first}, already listed; not followed")
+            rejected.append((rel, reason))
+            continue
+        seen[key] = dirpath
+        visited.append((dirpath, [e for e in entries if not e.is_dir()]))
+        below = ancestors | {key}
+        stack.extend((e.path, below) for e in reversed(entries) if e.is_dir())
+    return visited, rejected
+
+
 def list_image_folder(src: str | os.PathLike[str], *, classes: Sequence[str] | None = None,
                       limit: int | None = None) -> Source:
     """List ``<src>/<class>/**/<file>`` the way torchvision's ImageFolder does.
+
+    Symbolic links are followed, but each real folder is listed once per class (see
+    :func:`_walk_class`); what cannot be used is rejected with the reason instead.
 
     Args:
         src: the root folder; every sub-folder is a class (sorted names give the indices).
@@ -160,7 +280,10 @@ def list_image_folder(src: str | os.PathLike[str], *, classes: Sequence[str] | N
     """
     root = Path(src)
     # torchvision.datasets.folder.find_classes: every sub-directory, sorted by name.
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    try:
+        folders = [e.name for e in _scan(str(root)) if e.is_dir()]
+    except OSError as e:
+        raise ConversionError(f"cannot list --src {shown(root)}: {e.strerror or e}") from None
     if not folders:
         raise ConversionError(f"--src {root} has no class folders; for a flat folder of images "
                               f"pass --labels, for a list of files --file-list")
@@ -173,17 +296,21 @@ def list_image_folder(src: str | os.PathLike[str], *, classes: Sequence[str] | N
                               f"(--classes has {len(classes)} classes; {len(missing)} folders missing)")
     items: list[Item] = []
     rejected: list[tuple[str, str]] = []
+    root_key = {_dir_key(str(root)): str(root)}
     for name in folders:
         kept = 0
+        visited, bad_folders = _walk_class(str(root / name), str(root), dict(root_key))
+        rejected += bad_folders
         # torchvision.datasets.folder.make_dataset: sorted(os.walk(...)), sorted file names.
-        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
-            for fname in sorted(fnames):
-                path = os.path.join(dirpath, fname)
-                rel = os.path.relpath(path, root)
-                if not _is_image_name(fname):
+        for _, entries in sorted(visited, key=lambda v: v[0]):
+            for entry in entries:
+                rel = os.path.relpath(entry.path, root)
+                if not _is_image_name(entry.name):
                     rejected.append(_non_image(rel))
+                elif not entry.is_file():
+                    rejected.append((rel, _irregular(entry)))
                 elif limit is None or kept < limit:
-                    items.append(Item(os.path.abspath(path), rel, index[name]))
+                    items.append(Item(os.path.abspath(entry.path), rel, index[name]))
                     kept += 1
     return Source(items, list(classes), "imagefolder", str(root.absolute()), rejected)
 
@@ -252,9 +379,13 @@ def list_flat_folder(src: str | os.PathLike[str], labels: str | os.PathLike[str]
     or class names.
     """
     root, labels_path = Path(src), Path(labels)
-    names = sorted(e.name for e in os.scandir(root) if e.is_file())
-    images = [n for n in names if _is_image_name(n)]
-    rejected = [_non_image(n) for n in names if not _is_image_name(n)]
+    try:
+        entries = [e for e in _scan(str(root)) if not e.is_dir()]
+    except OSError as e:
+        raise ConversionError(f"cannot list --src {shown(root)}: {e.strerror or e}") from None
+    images = [e.name for e in entries if _is_image_name(e.name) and e.is_file()]
+    rejected = [_non_image(e.name) if not _is_image_name(e.name) else (e.name, _irregular(e))
+                for e in entries if not (_is_image_name(e.name) and e.is_file())]
     if not images:
         raise ConversionError(f"--src {root} contains no image files "
                               f"(extensions {', '.join(IMG_EXTENSIONS)})")
@@ -381,11 +512,23 @@ class BadImage(Exception):
 
 
 def read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path`` (raises BadImage).
+
+    Opened non-blocking and checked with ``fstat`` before reading: a FIFO named ``.JPEG`` (in
+    a file list, or swapped in after listing) would otherwise block the reader forever.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise BadImage(f"cannot read ({e.strerror or e})") from None
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadImage(f"not a regular file ({_kind(mode)})")
+        try:
+            return f.read()
+        except OSError as e:
+            raise BadImage(f"cannot read ({e.strerror or e})") from None
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -412,8 +555,12 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, as torchvision's ``pil_loader`` converts (CMYK, grayscale, palette, RGBA...)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """8-bit RGB by fastsiam's one rule (:func:`fastsiam.imageio.to_rgb`: 16-bit and float
+    images rescaled, not clipped); an image without an 8-bit form raises BadImage."""
+    try:
+        return imageio.to_rgb(image)
+    except imageio.UnsupportedImage as e:
+        raise BadImage(str(e)) from None
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -422,12 +569,13 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 def check_image(path: str) -> tuple[str | None, tuple[int, int]]:
-    """``(None, (width, height))`` when ``path`` decodes, else ``(reason, (0, 0))``.
+    """``(None, (width, height))`` when ``path`` decodes to RGB, else ``(reason, (0, 0))``.
 
     Runs in worker processes.
     """
     try:
         image = decode_image(read_file(path))
+        to_rgb(image)
     except BadImage as e:
         return str(e), (0, 0)
     return None, image.size
@@ -451,6 +599,53 @@ def verify_indices(n: int, k: int) -> list[int]:
 # ----------------------------------------------------------------------------- reports
 
 
+# Escaped in reports and messages: the backslash itself, control characters (tab and
+# newline included), line separators that text tools split on, lone surrogates (the bytes of
+# a file name that is not UTF-8, as os.fsdecode's surrogateescape gives them).
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ESCAPE = re.compile(r"\\(?:x([0-9a-f]{2})|u([0-9a-f]{4})|(.))", re.DOTALL)
+_SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(m: re.Match) -> str:
+    c = m.group()
+    code = ord(c)
+    if c in _SHORT:
+        return _SHORT[c]
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a file name
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+
+
+def _unescape_char(m: re.Match) -> str:
+    byte, code, char = m.groups()
+    if byte is not None:
+        value = int(byte, 16)
+        return chr(value if value < 0x80 else 0xDC00 + value)
+    if code is not None:
+        return chr(int(code, 16))
+    return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}.get(char, "\\" + char)
+
+
+def escape_field(text: str) -> str:
+    """``text`` as one line of valid UTF-8 that :func:`unescape_field` turns back into it.
+
+    Ordinary names are unchanged; a backslash becomes ``\\\\``, tab, newline and carriage
+    return ``\\t``, ``\\n``, ``\\r``, other control characters and undecodable file-name
+    bytes ``\\xNN``, lone surrogates and line separators ``\\uNNNN``.
+    """
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def unescape_field(text: str) -> str:
+    return _ESCAPE.sub(_unescape_char, text)
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as an error message shows it: on one line, whatever bytes its name holds."""
+    return escape_field(os.fspath(path))
+
+
 @dataclass
 class Skipped:
     """Files left out of the output, with the reason (kept in output order)."""
@@ -463,25 +658,41 @@ class Skipped:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def text(self, root: str) -> str:
+        """A tab-separated report: a comment header, then ``path<TAB>reason`` lines.
+
+        Fields are escaped (:func:`escape_field`): a name that is not UTF-8 or holds a tab or
+        a newline stays one row and reads back exactly (:func:`read_skip_report`).
+        """
+        rows = "".join(f"{escape_field(rel)}\t{escape_field(reason)}\n" for rel, reason in self.entries)
+        return (f"# {len(self.entries)} files skipped; paths are relative to {escape_field(root)}\n"
+                f"# path\treason\n{rows}")
+
     def write(self, path: str | os.PathLike[str], root: str) -> None:
-        """A tab-separated report: a comment header, then ``path<TAB>reason`` lines."""
         from fastsiam.io import atomic_open
 
-        with atomic_open(path, "w") as f:
-            f.write(f"# {len(self.entries)} files skipped; paths are relative to {root}\n")
-            f.write("# path\treason\n")
-            for rel, reason in self.entries:
-                f.write(f"{rel}\t{reason}\n")
+        with atomic_open(path, "wb") as f:
+            f.write(self.text(root).encode("utf-8"))
 
 
 def read_skip_report(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """The ``(path, reason)`` rows of a report written by :meth:`Skipped.write`."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().decode("utf-8").split("\n"):
         if line and not line.startswith("#"):
             rel, _, reason = line.partition("\t")
-            rows.append((rel, reason))
+            rows.append((unescape_field(rel), unescape_field(reason)))
     return rows
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (``fastsiam.data.shards`` has the same,
+    but importing it imports torch)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- parallelism
@@ -521,13 +732,16 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int
         return (fn(x) for x in items)
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method()))
     executor.submit(os.getpid).result()  # launches every worker now
-    return _ordered(executor, fn, items, chunksize, window or 4 * workers)
+    results = _ordered(executor, fn, items, chunksize, window or 4 * workers)
+    next(results)  # inside its try: closing it now shuts the pool down even before a result
+    return results
 
 
 def _ordered(executor: ProcessPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
              chunksize: int, window: int) -> Iterator[Any]:
     pending: deque = deque()
     try:
+        yield  # the priming step of parallel_map
         chunk: list[Any] = []
         for x in items:
             chunk.append(x)

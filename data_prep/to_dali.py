@@ -24,7 +24,9 @@ The folder appears under its final name only when complete: shards are written i
 with its checksums, so after a crash or kill ``--resume`` re-checks the finished shards and
 continues after the last good one;
 the result is byte-identical to an uninterrupted run (keys, shard boundaries and tar metadata do
-not depend on timing or on ``--workers``).
+not depend on timing or on ``--workers``). A failed write (a full disk) is one line that keeps
+the complete shards for ``--resume``; a second conversion to the same ``--out`` is refused
+while the first runs (the lock ``.<out>.lock`` beside the folder).
 """
 
 from __future__ import annotations
@@ -61,10 +63,13 @@ from data_prep.sources import (
     decode_image,
     injected_delay,
     make_readable,
+    os_error_reason,
+    output_lock,
     parallel_map,
     progress,
     psnr,
     read_file,
+    shown,
     source_from_args,
     to_rgb,
     verify_indices,
@@ -101,18 +106,18 @@ def prepare_jpeg(path: str, max_resolution: int | None, quality: int) -> tuple[b
     try:
         data = read_file(path)
         image = decode_image(data)
+        too_big = max_resolution is not None and max(image.size) > max_resolution
+        if image.format == "JPEG" and image.mode == "RGB" and not too_big:
+            return data, ""
+        rgb = to_rgb(image)
     except BadImage as e:
         return None, str(e)
-    too_big = max_resolution is not None and max(image.size) > max_resolution
-    if image.format == "JPEG" and image.mode == "RGB" and not too_big:
-        return data, ""
     if too_big:
         note = "resized"
     elif image.format != "JPEG":
         note = (image.format or "unknown").lower()
     else:
         note = {"L": "grayscale", "CMYK": "cmyk"}.get(image.mode, image.mode.lower())
-    rgb = to_rgb(image)
     if too_big:
         rgb = resize_longest(rgb, max_resolution)  # type: ignore[arg-type]
     buf = io.BytesIO()
@@ -222,8 +227,6 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         strict: raise :class:`BadFileError` at the first bad file instead of skipping it.
         quiet: no progress bar.
     """
-    from fastsiam.data.shards import Manifest, ShardEntry, ShardWriter, write_manifest
-
     if shard_size is not None and shard_bytes is not None:
         raise ConversionError("--shard-size and --shard-bytes are alternatives; pass one")
     if shard_size is None and shard_bytes is None:
@@ -237,9 +240,35 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
-    staging = out.parent / f".{out.name}.partial"
     options = {"shard_size": shard_size, "shard_bytes": shard_bytes,
                "max_resolution": max_resolution, "jpeg_quality": jpeg_quality}
+    with output_lock(out):
+        try:
+            return _write_shards(source, out, options, workers=workers, resume=resume,
+                                 overwrite=overwrite, strict=strict, quiet=quiet)
+        except OSError as e:
+            staging = _staging(out)
+            kept = len(list(staging.glob("shard-*.json"))) if staging.is_dir() else 0
+            raise ConversionError(f"cannot write {shown(out)}: {os_error_reason(e)}; the {kept} "
+                                  f"complete shards in {shown(staging)} are kept: free space, "
+                                  f"then rerun with --resume to continue") from None
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _write_shards(source: Source, out: Path, options: dict[str, Any], *, workers: int,
+                  resume: bool, overwrite: bool, strict: bool, quiet: bool) -> dict[str, Any]:
+    """:func:`convert` once the output is locked (the staging folder is this run's alone).
+
+    A failed write (a full disk) raises OSError once the shard being written is removed;
+    the complete ones stay journaled in the staging folder for ``--resume``.
+    """
+    from fastsiam.data.shards import Manifest, ShardEntry, ShardWriter, write_manifest
+
+    shard_size, shard_bytes = options["shard_size"], options["shard_bytes"]
+    staging = _staging(out)
     fingerprint = _fingerprint(source, options)
     if staging.exists() and not (resume or overwrite):
         raise ConversionError(f"an interrupted conversion is in {staging}: pass --resume to "
@@ -281,7 +310,8 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         done.append(entry)
         writer, labels = None, []
 
-    work = functools.partial(prepare_jpeg, max_resolution=max_resolution, quality=jpeg_quality)
+    work = functools.partial(prepare_jpeg, max_resolution=options["max_resolution"],
+                             quality=options["jpeg_quality"])
     results = parallel_map(work, (it.path for it in items[start:]), workers=workers, chunksize=32)
     bar = progress(len(items) - start, "to_dali", quiet)
     try:

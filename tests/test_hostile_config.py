@@ -251,9 +251,10 @@ def test_an_image_without_pixels_is_one_line(image: object) -> None:
 
 @pytest.mark.parametrize(("array", "expected"), [
     (np.array([[0, 257, 25700, 65535]], np.uint16), [0, 1, 100, 255]),                # I;16: / 257
-    (np.array([[0.0, 0.5, 1.0, 2.0]], np.float32), [0, 128, 255, 255]),               # F: [0, 1], clipped
-    (np.array([[0, 257, -5, 70000]], np.int32), [0, 1, 0, 255]),                       # I: as 16-bit, clipped
-], ids=["I;16", "F", "I"])
+    (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),                           # F in [0, 1]: x 255
+    (np.array([[0.0, 0.5, 1.0, 2.0]], np.float32), [0, 64, 128, 255]),                # F beyond: min-max
+    (np.array([[0, 257, -5, 70000]], np.int32), [0, 1, 0, 255]),                       # I beyond: min-max
+], ids=["I;16", "F", "F-wide", "I-wide"])
 def test_wide_images_are_rescaled_not_saturated(tmp_path: Path, array: np.ndarray, expected: list[int]) -> None:
     from fastsiam.api import load_image
     from fastsiam.imageio import to_rgb
@@ -267,11 +268,12 @@ def test_wide_images_are_rescaled_not_saturated(tmp_path: Path, array: np.ndarra
         assert np.asarray(load_image(tmp_path / "g16.png"))[..., 1].tolist() == [expected]
 
 
-def test_nan_in_a_float_image_is_black() -> None:
-    from fastsiam.imageio import to_rgb
+def test_nan_in_a_float_image_is_refused() -> None:
+    from fastsiam.imageio import UnsupportedImage, to_rgb
 
     img = Image.fromarray(np.array([[np.nan, np.inf, -np.inf]], np.float32))
-    assert np.asarray(to_rgb(img))[..., 0].tolist() == [[0, 255, 0]]
+    with pytest.raises(UnsupportedImage, match=r"^F image has NaN or infinite values$"):
+        to_rgb(img)
 
 
 # --------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_output_does_not_depend_on_workers_or_chunks(bad_tree, converted, tmp_pa
     rc, _, err = run("--src", root, "--out", tmp_path / "train.beton", *SIZE, "--workers", "1",
                      "--chunk-size", "7")
     assert rc == 0, err
-    for name in ("train.beton", "train.classes.json", "train.skipped.tsv"):
+    for name in ("train.beton", "train.beton.json", "train.classes.json", "train.skipped.tsv"):
         assert (tmp_path / name).read_bytes() == converted[0].with_name(name).read_bytes()
 
 
@@ -171,7 +171,8 @@ def test_killed_run_leaves_no_output_and_a_rerun_replaces_the_leftovers(bad_tree
     rc, _, err = run("--src", root, "--out", out, *SIZE, "--workers", "2")
     assert rc == 0, err
     assert "left by an interrupted run" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.beton", "train.classes.json", "train.skipped.tsv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.beton.lock", "train.beton", "train.beton.json",
+                                                          "train.classes.json", "train.skipped.tsv"]
     assert out.read_bytes() == converted[0].read_bytes()
 
 
@@ -183,7 +184,7 @@ def test_strict_stops_at_the_first_bad_file(bad_tree, tmp_path):
     finally:
         (tmp_path / "notes.txt").rename(root / bad["text"])
     assert rc == 1 and str(root / bad["truncated"]) in err and err.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []  # nothing written, not even the side files
+    assert [p.name for p in tmp_path.iterdir()] == [".x.beton.lock"]  # no output, no side files
 
 
 @pytest.mark.parametrize(("args", "message"), [
