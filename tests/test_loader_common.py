@@ -208,7 +208,10 @@ def test_missing_library_gives_the_install_hint(
     backend, module, library, hint, tmp_path, monkeypatch
 ):
     monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.setitem(sys.modules, library, None)  # makes `import <library>` fail
+    # None makes `import <library>` fail; its submodules too, which an earlier test in this
+    # process may have imported (`import nvidia.dali.fn` would find those cached).
+    for name in [m for m in sys.modules if m == library or m.startswith(f"{library}.")] or [library]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=f"backend '{backend}' needs {library}.*{hint}"):
         build_loader(backend, tmp_path, batch_size=2, workers=0)
 

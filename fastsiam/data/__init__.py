@@ -4,6 +4,10 @@ Backends are registered by name with the module that implements them; a backend'
 imported only when it is asked for, so optional libraries (ffcv, DALI) are never needed to
 import fastsiam. Each backend module defines ``build(path, **kwargs) -> Loader`` with the
 keyword arguments of :func:`build_loader`.
+
+Damaged data: every backend checks its files at open (cheap checks, O(files)), names a sample
+that does not decode, and follows ``on_corrupt`` (see :class:`~fastsiam.data.loader.Loader`);
+``fastsiam verify PATH`` (:mod:`fastsiam.verify`) checks every byte against the checksums.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from typing import Any
 import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.data.loader import Loader
+from fastsiam.data.loader import ON_CORRUPT, CorruptDataError, Loader
 from fastsiam.data.sampler import EpochSampler
 
 __all__ = [
-    "EpochSampler", "EvalBatch", "Loader", "TwoViewBatch", "available_backends",
+    "CorruptDataError", "EpochSampler", "EvalBatch", "Loader", "TwoViewBatch", "available_backends",
     "build_loader", "build_loader_from_config", "register_backend",
 ]
 
@@ -73,6 +77,7 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = True,
+    on_corrupt: str = "stop",
     **backend_options: Any,
 ) -> Loader:
     """Build a loader of ``TwoViewBatch`` (``split="train"``) or ``EvalBatch`` (``"val"``).
@@ -90,12 +95,17 @@ def build_loader(
         seed: the epoch order and crops are a function of (seed, epoch, rank).
         rank, world_size: this process's shard of every epoch.
         drop_last: drop the incomplete last batch (training); see the sampler's padding rule.
+        on_corrupt: a sample that does not decode: ``stop`` (raise :class:`CorruptDataError`
+            naming its file and sample) or ``skip`` (a black image in its place, counted in
+            ``loader.corrupt_count``, warned once per sample).
         backend_options: extra keyword arguments for the backend.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown loader backend {backend!r}; expected one of {', '.join(available_backends())}")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
     spec = _BACKENDS[backend]
     if spec.needs_path and not Path(path).exists():
         raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
@@ -110,7 +120,7 @@ def build_loader(
     return module.build(
         path, batch_size=batch_size, image_size=image_size, scale=tuple(scale), ratio=tuple(ratio),
         workers=workers, device=torch.device(device), split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last, **backend_options,
+        world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt, **backend_options,
     )
 
 
@@ -129,5 +139,6 @@ def build_loader_from_config(
         data_cfg.backend, path or "", batch_size=batch_size or data_cfg.batch_size,
         image_size=data_cfg.image_size, scale=data_cfg.scale, ratio=data_cfg.ratio,
         workers=data_cfg.workers, device=device, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=split == "train", **data_cfg.options,
+        world_size=world_size, drop_last=split == "train", on_corrupt=data_cfg.on_corrupt,
+        **data_cfg.options,
     )

@@ -25,6 +25,18 @@ Readers (backend option ``reader``):
   reproducible; a mid-epoch resume replays the epoch's consumed batches (exact, costs their
   decode time).
 
+Damaged samples (``on_corrupt``, :class:`~fastsiam.data.loader.Loader`), ``index`` reader: a
+sample whose JPEG header cannot be read is caught in the external source, before DALI sees
+it; when DALI's decoder fails, its error names no file (at most "sample #k" of some batch), so
+the loader decodes the samples of the batches in flight on the host (torchvision, only on that
+error path) to name the damaged one, and with ``skip`` builds the pipeline again from the
+failed batch with a black JPEG in the damaged sample's place, in this epoch and every later one.
+DALI's decoder, like PIL, shows an image for JPEG data that libjpeg-turbo reports as corrupt
+(flipped bytes in the entropy-coded payload); only ``fastsiam verify`` (the manifest's
+checksums) or ``verify --decode`` (a strict decode) catch those. The ``webdataset`` reader
+chooses its samples inside DALI, so a decode failure stops the run with a pointer to
+``fastsiam verify --decode``, and ``skip`` needs the ``index`` reader.
+
 Batches arrive as uint8 channels_last ``[B, 3, S, S]`` torch tensors on the pipeline's device:
 DALI's NHWC output is copied once into a torch tensor (device to device with a GPU), whose
 NCHW permutation is channels_last without another copy.
@@ -45,8 +57,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_boxes, sample_keys
-from fastsiam.data.jpeg import jpeg_size
-from fastsiam.data.loader import Loader
+from fastsiam.data.jpeg import JPEGHeaderError, black_jpeg, decoder_message, jpeg_problem, jpeg_size
+from fastsiam.data.loader import CorruptDataError, Loader
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
 
@@ -83,6 +95,7 @@ class DALITwoViewLoader(Loader):
         initial_fill: shuffling buffer of the ``webdataset`` reader.
         hw_decoder_load: share of the JPEGs sent to the hardware decoder (mixed decode).
         prefetch: batches DALI prepares ahead.
+        on_corrupt: ``stop`` or ``skip`` (see the module docstring).
     """
 
     def __init__(
@@ -101,8 +114,9 @@ class DALITwoViewLoader(Loader):
         initial_fill: int,
         hw_decoder_load: float,
         prefetch: int,
+        on_corrupt: str = "stop",
     ):
-        super().__init__(sampler)
+        super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
         self.train = train
         self.image_size = image_size
@@ -117,6 +131,8 @@ class DALITwoViewLoader(Loader):
         self.prefetch = prefetch
         self.classes = list(shards.classes)
         self.num_classes = len(self.classes)
+        self._damaged: dict[int, str] = {}  # sample -> why; fed as a black JPEG (skip)
+        self._fed_batches = 0  # the epoch's batches handed to DALI so far (index reader)
 
     # ------------------------------------------------------------------ graph
 
@@ -224,22 +240,35 @@ class DALITwoViewLoader(Loader):
             pipe.set_outputs(*views, label)
         return pipe
 
+    def _jpeg(self, i: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Sample ``i``'s JPEG and (height, width) for the pipeline, or the black JPEG in its
+        place when it is known to be damaged or its header is unreadable (``skip``)."""
+        data = self.shards.read_component(i, "jpg")
+        why = self._damaged.get(i)
+        if why is None:
+            try:
+                return np.frombuffer(data, dtype=np.uint8), jpeg_size(data, "JPEG header")
+            except JPEGHeaderError as e:
+                why = str(e)
+        self._corrupt(f"dali loader: {self.shards.describe(i)}", why)
+        black = black_jpeg()
+        return np.frombuffer(black, dtype=np.uint8), jpeg_size(black)
+
     def _index_source(self) -> Iterator[list]:
         """The epoch's batches for ``fn.external_source``: JPEG bytes, labels, two views' ROIs."""
         s = self.sampler
         epoch = s.epoch
+        self._fed_batches = s.start_batch
         for indices in s:
             idx = np.asarray(indices, dtype=np.int64)
-            data = [
-                np.frombuffer(self.shards.read_component(i, "jpg"), dtype=np.uint8) for i in indices
-            ]
+            data, sizes = zip(*(self._jpeg(i) for i in indices))
+            data = list(data)
+            self._fed_batches += 1
             labels = self.shards.labels[idx]
             if not self.train:
                 yield [data, labels]
                 continue
-            hw = np.array(
-                [jpeg_size(d, f"{self.shards.root} sample {i}") for d, i in zip(data, indices)]
-            )
+            hw = np.array(sizes)
             rois = []
             for v in (0, 1):
                 box = random_crop_boxes(
@@ -278,24 +307,59 @@ class DALITwoViewLoader(Loader):
         w = s.world_size
         return len(s) * s.batch_size if s.drop_last else -(-s.num_samples // w)
 
+    def _decode_failed(self, error: RuntimeError) -> None:
+        """DALI's decoder failed on a batch in flight: name the damaged samples (a host decode
+        of those batches' samples) and stop, or (``skip``) remember them for the next pipeline."""
+        s = self.sampler
+        reason = decoder_message(error)
+        if self.reader == "webdataset":
+            raise CorruptDataError(
+                f"dali loader: {self.shards.root}: DALI failed in batch {s.start_batch} of epoch "
+                f"{s.epoch} ({reason}); its webdataset reader does not say which sample: run "
+                f"`fastsiam verify --decode {self.shards.root}` to name it, or use reader=index, "
+                "which names damaged samples and can skip them"
+            ) from None
+        batches = list(s)[: self._fed_batches - s.start_batch]
+        found = {}
+        for i in (i for batch in batches for i in batch if i not in self._damaged):
+            why = jpeg_problem(self.shards.read_component(i, "jpg"))
+            if why is not None:
+                found[i] = f"JPEG does not decode ({why})"
+        if not found:
+            raise RuntimeError(
+                f"dali loader: DALI failed in batch {s.start_batch} of epoch {s.epoch} of "
+                f"{self.shards.root}, whose samples all decode with libjpeg-turbo: {reason}"
+            ) from error
+        for i, why in found.items():
+            if self.on_corrupt == "stop":
+                self._corrupt(f"dali loader: {self.shards.describe(i)}", why)
+            self._damaged[i] = why  # counted and warned when the next pipeline feeds it
+
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
         s = self.sampler
-        pipe = self._pipeline()
-        pipe.build()
-        try:
-            if self.reader == "webdataset":
-                for _ in range(s.start_batch):  # replay to the resume point (see module docstring)
-                    pipe.run()
-            remaining = self._samples_on_rank() - s.start_batch * s.batch_size
-            for _ in range(s.start_batch, len(s)):
-                outputs = pipe.run()
-                n = min(s.batch_size, remaining)
-                remaining -= n
-                tensors = [self._to_torch(o)[:n] for o in outputs[:-1]]
-                label = self._labels(outputs[-1])[:n]
-                yield TwoViewBatch(*tensors, label) if self.train else EvalBatch(*tensors, label)
-        finally:
-            del pipe
+        while s.start_batch < len(s):  # one pass, or a new pipeline after a damaged sample
+            pipe = self._pipeline()
+            pipe.build()
+            try:
+                if self.reader == "webdataset":
+                    for _ in range(s.start_batch):  # replay to the resume point (module docstring)
+                        pipe.run()
+                remaining = self._samples_on_rank() - s.start_batch * s.batch_size
+                for _ in range(s.start_batch, len(s)):
+                    try:
+                        outputs = pipe.run()
+                    except RuntimeError as e:
+                        self._decode_failed(e)
+                        break
+                    n = min(s.batch_size, remaining)
+                    remaining -= n
+                    tensors = [self._to_torch(o)[:n] for o in outputs[:-1]]
+                    label = self._labels(outputs[-1])[:n]
+                    yield TwoViewBatch(*tensors, label) if self.train else EvalBatch(*tensors, label)
+                else:
+                    return
+            finally:
+                del pipe
 
 
 def build(
@@ -312,6 +376,7 @@ def build(
     rank: int,
     world_size: int,
     drop_last: bool,
+    on_corrupt: str,
     reader: str = "index",
     decode: str = "once",
     initial_fill: int = 1024,
@@ -336,6 +401,11 @@ def build(
         raise ValueError(
             f"dali loader: option decode must be one of {', '.join(DECODES)}, got {decode!r}"
         )
+    if on_corrupt == "skip" and reader != "index":
+        raise ValueError(
+            f"dali loader: on_corrupt='skip' needs reader='index' (DALI's {reader} reader picks "
+            "its samples itself, so a damaged one cannot be replaced)"
+        )
     shards = open_shard_folder(path, "dali")
     train = split == "train"
     sampler = EpochSampler.for_split(
@@ -356,6 +426,7 @@ def build(
         initial_fill=initial_fill,
         hw_decoder_load=hw_decoder_load,
         prefetch=prefetch,
+        on_corrupt=on_corrupt,
     )
 
 

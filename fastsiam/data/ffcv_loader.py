@@ -22,6 +22,14 @@ Resume: mid-epoch, exactly, for both orders: the order is a function of (seed, e
 the crops of (seed, epoch, sample, view), so a resumed epoch skips the consumed batches and
 continues with the same samples and crops.
 
+Damaged data: at build, the .beton's tables are checked against each other and the file
+(:mod:`fastsiam.data.beton`: absurd image sizes, pointers outside the file, a truncated file)
+and the decoders' scratch memory against the machine's. A JPEG that does not decode is named
+(file and sample index) and follows ``on_corrupt`` (:class:`~fastsiam.data.loader.Loader`;
+``skip``: black views, from the decoders of :mod:`fastsiam.data.ffcv_ops`, which check
+libjpeg-turbo's status where FFCV's own ignore it). Raw samples hold no redundancy to check:
+``fastsiam verify`` (the file's checksum) is what catches flipped bytes there.
+
 Note: FFCV sets the process's torch CPU threads to ``workers`` when it starts an epoch; this
 backend restores the caller's setting right after.
 """
@@ -37,19 +45,17 @@ from pathlib import Path
 import ffcv  # noqa: F401  (a missing library fails here, with the install hint of build_loader)
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader as FFCVLoader
 from ffcv.loader import OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
-from ffcv.types import CURRENT_VERSION, HeaderType
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.data.crops import eval_crop_fraction
-from fastsiam.data.ffcv_ops import TwoCropDecoder, view_blocks
+from fastsiam.data.beton import check_scratch, open_beton
+from fastsiam.data.ffcv_ops import CenterCropDecoder, TwoCropDecoder, view_blocks
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 
@@ -61,7 +67,8 @@ class SamplerOrder(TraversalOrder):
 
     FFCV asks for an epoch's order when the epoch starts; this answers with the sampler's
     current epoch (ignoring FFCV's own epoch counter, which does not survive a restart) from
-    batch ``sampler.start_batch`` on.
+    batch ``sampler.start_batch`` on, and keeps it in :attr:`order` (the samples of each batch
+    the loader hands out, for the damaged-JPEG flags).
 
     Args:
         loader: the FFCV loader.
@@ -75,6 +82,7 @@ class SamplerOrder(TraversalOrder):
         super().__init__(loader)
         self.epoch_sampler = sampler
         self.inner = inner
+        self.order = np.zeros(0, dtype=np.uint64)
         if inner is not None:
             # QUASI_RANDOM shuffles its page table in place, so its order for an epoch depends
             # on the calls before; restarting from a pristine copy makes it a function of
@@ -91,7 +99,8 @@ class SamplerOrder(TraversalOrder):
             order = np.asarray(self.inner.sample_order(s.epoch))
             if s.drop_last:
                 order = order[: len(s) * s.batch_size]
-        return order[s.start_batch * s.batch_size :].astype(np.uint64)
+        self.order = order[s.start_batch * s.batch_size :].astype(np.uint64)
+        return self.order
 
 
 class FFCVTwoViewLoader(Loader):
@@ -100,45 +109,61 @@ class FFCVTwoViewLoader(Loader):
     Args:
         ffcv_loader: the FFCV loader (built by :func:`build`; its order is a :class:`SamplerOrder`).
         sampler: the same sampler its order reads.
-        decoder: the train decoder (for its epoch), or None for val.
+        decoder: the image decoder (:class:`TwoCropDecoder` for train, :class:`CenterCropDecoder`
+            for val): its epoch, its damaged-JPEG flags.
         device: where batches are delivered.
         num_classes, classes: from the .beton's labels / ``classes.json``.
         copy: hand out copies (True), or views of FFCV's recycled buffers (False).
+        path: the .beton (named in messages).
+        on_corrupt: ``stop`` or ``skip`` (see the module docstring).
     """
 
     def __init__(
         self,
         ffcv_loader: FFCVLoader,
         sampler: EpochSampler,
-        decoder: TwoCropDecoder | None,
+        decoder: TwoCropDecoder,
         device: torch.device,
         num_classes: int,
         classes: list[str] | None,
         copy: bool = True,
+        path: Path | None = None,
+        on_corrupt: str = "stop",
     ):
-        super().__init__(sampler)
+        super().__init__(sampler, on_corrupt, path)
         self.copy = copy
         self.ffcv_loader = ffcv_loader
         self.decoder = decoder
+        self.train = not isinstance(decoder, CenterCropDecoder)
         self.device = device
         self.num_classes = num_classes
         self.classes = classes
 
+    def _check_decoded(self, batch: int) -> None:
+        """Apply ``on_corrupt`` to the JPEGs of batch ``batch`` (of this pass) that the decoder
+        flagged: a read of the batch's flags (host memory; FFCV decodes on the CPU)."""
+        b = self.sampler.batch_size
+        indices = self.ffcv_loader.traversal_order.order[batch * b : (batch + 1) * b]
+        for i in indices[self.decoder.failed[indices] != 0].tolist():
+            self.decoder.failed[i] = 0  # met again in a later epoch: reported again
+            self._corrupt(f"ffcv loader: {self.source} sample {i}",
+                          "JPEG does not decode (libjpeg-turbo reports an error or corrupt data)")
+
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
-        if self.decoder is not None:
-            self.decoder.set_epoch(self.sampler.epoch)
+        self.decoder.set_epoch(self.sampler.epoch)
         with _keep_torch_threads():
             epoch = iter(self.ffcv_loader)
         try:
-            for images, labels in _guarded(epoch):
+            for k, (images, labels) in enumerate(_guarded(epoch)):
+                self._check_decoded(k)
                 label = labels.reshape(-1)
-                blocks = [images] if self.decoder is None else list(view_blocks(images))
+                blocks = list(view_blocks(images)) if self.train else [images]
                 if self.copy:
                     label = label.clone()
                     blocks = [_owned(b) for b in blocks]
                 # NHWC blocks permuted to NCHW: channels_last without a copy.
                 views = [b.permute(0, 3, 1, 2) for b in blocks]
-                yield TwoViewBatch(*views, label) if self.decoder else EvalBatch(*views, label)
+                yield TwoViewBatch(*views, label) if self.train else EvalBatch(*views, label)
         finally:
             epoch.close()
 
@@ -180,36 +205,6 @@ def _guarded(epoch: Iterator) -> Iterator:
             return
 
 
-def _read_beton(path: Path, image_field: str, label_field: str) -> Reader:
-    """FFCV's reader for ``path``, or a one-line error saying what was expected instead."""
-    expected = "an FFCV .beton file (data_prep/to_ffcv.py)"
-    if path.is_dir():
-        raise ValueError(
-            f"ffcv loader: {path} is a directory; expected {expected} "
-            "(a shards folder is read by the dali or nvjpeg backend)"
-        )
-    header = np.fromfile(path, dtype=HeaderType, count=1)
-    if len(header) == 0 or header[0]["version"] != CURRENT_VERSION:
-        raise ValueError(
-            f"ffcv loader: {path} is not {expected} (no FFCV v{CURRENT_VERSION} header)"
-        )
-    try:
-        reader = Reader(str(path))
-    except Exception as e:  # FFCV raises assorted errors on a damaged file
-        raise ValueError(
-            f"ffcv loader: {path} is not a readable FFCV .beton: {type(e).__name__}: {e}"
-        ) from None
-    fields = {name: type(h).__name__ for name, h in reader.handlers.items()}
-    if not isinstance(reader.handlers.get(image_field), RGBImageField) or not isinstance(
-        reader.handlers.get(label_field), IntField
-    ):
-        raise ValueError(
-            f"ffcv loader: {path} has fields {fields}; expected an RGBImageField "
-            f"{image_field!r} and an IntField {label_field!r}"
-        )
-    return reader
-
-
 def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[str] | None]:
     """Class count from the labels, names from data_prep/to_ffcv.py's ``<name>.classes.json``."""
     labels = reader.metadata[f"f{list(reader.handlers).index(label_field)}"]
@@ -245,6 +240,7 @@ def build(
     rank: int,
     world_size: int,
     drop_last: bool,
+    on_corrupt: str,
     order: str = "random",
     os_cache: bool = True,
     batches_ahead: int = 3,
@@ -275,24 +271,18 @@ def build(
             f"ffcv loader: order='quasi_random' is not available with distributed "
             f"training (world_size={world_size}), as in FFCV; use order='random'"
         )
-    reader = _read_beton(path, image_field, label_field)
+    reader = open_beton(path, image_field, label_field)
+    check_scratch(reader, path, image_field, batch_size, batches_ahead)
     train = split == "train"
     sampler = EpochSampler.for_split(
         int(reader.num_samples), batch_size, split=split, seed=seed, rank=rank,
         world_size=world_size, drop_last=drop_last,
     )
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
-    if train:
-        decoder = TwoCropDecoder(image_size, scale, ratio, seed)
-        image_decoder = decoder
-    else:
-        decoder = None
-        image_decoder = CenterCropRGBImageDecoder(
-            (image_size, image_size), ratio=eval_crop_fraction(image_size)
-        )
+    decoder = TwoCropDecoder(image_size, scale, ratio, seed) if train else CenterCropDecoder(image_size)
     pipelines: dict[str, PipelineSpec | None] = {name: None for name in reader.handlers}
     pipelines[image_field] = PipelineSpec(
-        image_field, decoder=image_decoder, transforms=[ToTensor(), *to_device]
+        image_field, decoder=decoder, transforms=[ToTensor(), *to_device]
     )
     pipelines[label_field] = PipelineSpec(
         label_field, decoder=IntDecoder(), transforms=[ToTensor(), *to_device]
@@ -315,7 +305,8 @@ def build(
         loader, sampler, loader.traversal_order if quasi else None
     )
     num_classes, classes = _classes(path, reader, label_field)
-    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, copy)
+    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, copy, path,
+                             on_corrupt)
 
 
 __all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -1,4 +1,5 @@
-"""FFCV decoder operation: decode each JPEG once, cut two random resized crops from it.
+"""FFCV decoder operations: decode each JPEG once, cut two random resized crops from it
+(training) or one center crop (evaluation), and report the JPEGs that do not decode.
 
 SimSiam (Chen & He, CVPR 2021) needs two views of every image. Stock FFCV gets a second view
 only through a second pipeline on the same field, which decodes the JPEG a second time; the
@@ -18,6 +19,14 @@ Crops come from :mod:`fastsiam.data.crops`, a counter-based generator keyed by
 compiled decoder reads the epoch from a one-element array at run time (FFCV freezes the
 decoder's Python state into constants at compile time, and recompiling every epoch would
 cost seconds); :meth:`TwoCropDecoder.set_epoch` writes it before an epoch starts.
+
+Damaged JPEGs: FFCV's own decoders ignore libjpeg-turbo's status, so a JPEG it refuses (or
+decodes with "corrupt data" warnings) goes into the batch as whatever the scratch buffer held.
+These decoders check it: such a sample's views are black and its flag in :attr:`failed` (one
+byte per sample, written through its address like the epoch cell, since FFCV compiles arrays
+in as read-only constants) is set; the loader reads the flags of each batch it hands out and
+applies ``on_corrupt``. :class:`CenterCropDecoder` exists for that check: its box is FFCV's
+``CenterCropRGBImageDecoder``'s (:func:`fastsiam.data.crops.center_crop_boxes`).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 
-from fastsiam.data.crops import scalar_kernels, seed_key
+from fastsiam.data.crops import eval_crop_fraction, scalar_kernels, seed_key
 
 VIEWS = 2
 
@@ -54,7 +63,14 @@ class TwoCropDecoder(Operation):
         scale: range of a crop's area as a fraction of the image's (SimSiam: 0.2-1).
         ratio: range of a crop's aspect ratio, width / height.
         seed: the run's seed; with the epoch, the sample index and the view it fixes a crop.
+
+    Attributes:
+        failed: uint8 per sample of the file, set to 1 by the decoder when a JPEG does not
+            decode (its views are then black); the loader reads and clears it.
     """
+
+    views = VIEWS
+    center = False  # the evaluation box instead of random crops (CenterCropDecoder)
 
     def __init__(
         self,
@@ -70,6 +86,10 @@ class TwoCropDecoder(Operation):
         self.seed = int(seed)
         # Read by the compiled code at the start of every batch (see the module docstring).
         self._epoch_cell = np.zeros(1, dtype=np.int64)
+        self.failed = np.zeros(0, dtype=np.uint8)
+        # The byte the compiled code copies into a flag. Like the cells above it lives as long
+        # as the decoder: FFCV may generate the code more than once and run an older copy.
+        self._one = np.ones(1, dtype=np.uint8)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose crops the next batches get; call before the epoch's iterator starts."""
@@ -83,8 +103,10 @@ class TwoCropDecoder(Operation):
         max_pixels = np.uint64(self.metadata["height"].max()) * np.uint64(
             self.metadata["width"].max()
         )
-        out_shape = (VIEWS, s, s, 3)
+        out_shape = (self.views, s, s, 3) if self.views > 1 else (s, s, 3)
         u8 = np.dtype("<u1")
+        if len(self.failed) != len(self.metadata):
+            self.failed = np.zeros(len(self.metadata), dtype=np.uint8)
         return (
             replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
             (AllocationQuery(out_shape, u8), AllocationQuery((max_pixels * np.uint64(3),), u8)),
@@ -105,11 +127,15 @@ class TwoCropDecoder(Operation):
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         ratio_lo, ratio_hi = min(self.ratio), max(self.ratio)
         s = self.output_size
+        views_per_image, center = self.views, self.center
+        fraction = eval_crop_fraction(s)
+        failed_address = np.uint64(self.failed.ctypes.data)
+        one_address = self._one.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
             count = len(batch_indices)
-            views = destination[:count].reshape(VIEWS, count, s, s, 3)
+            views = destination[:count].reshape(views_per_image, count, s, s, 3)
             epoch = np.zeros(1, dtype=np.int64)
             ctypes_memcopy(epoch_address, epoch.ctypes.data, 8)
             epoch_key = step(run_key, np.uint64(epoch[0]))
@@ -121,7 +147,7 @@ class TwoCropDecoder(Operation):
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
                     buffer = scratch[dst_ix]
-                    imdecode_c(
+                    status = imdecode_c(
                         image_data.ctypes.data,
                         image_data.size,
                         height,
@@ -136,23 +162,31 @@ class TwoCropDecoder(Operation):
                         False,
                         False,
                     )
+                    if status != 0:  # libjpeg-turbo refused it or reported corrupt data
+                        ctypes_memcopy(one_address, failed_address + np.uint64(source_ix), 1)
+                        for view in range(views_per_image):
+                            views[view, dst_ix] = 0
+                        continue
                     image = buffer[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
                 sample_key = step(epoch_key, np.uint64(source_ix))
-                for view in range(VIEWS):
-                    key = step(sample_key, np.uint64(view))
-                    top, left, h, w = crop_box(
-                        key,
-                        int(height),
-                        int(width),
-                        scale_lo,
-                        scale_hi,
-                        log_lo,
-                        log_hi,
-                        ratio_lo,
-                        ratio_hi,
-                    )
+                for view in range(views_per_image):
+                    if center:
+                        h = max(int(min(height, width) * fraction), 1)
+                        top, left, w = (int(height) - h) // 2, (int(width) - h) // 2, h
+                    else:
+                        top, left, h, w = crop_box(
+                            step(sample_key, np.uint64(view)),
+                            int(height),
+                            int(width),
+                            scale_lo,
+                            scale_hi,
+                            log_lo,
+                            log_hi,
+                            ratio_lo,
+                            ratio_hi,
+                        )
                     out = views[view, dst_ix]
                     resize_c(
                         0,
@@ -173,6 +207,19 @@ class TwoCropDecoder(Operation):
         return decode
 
 
+class CenterCropDecoder(TwoCropDecoder):
+    """The evaluation decoder: one view per image, the central square of side
+    ``floor(short side * eval_crop_fraction(S))`` resized to ``S`` (FFCV's
+    ``CenterCropRGBImageDecoder`` box and resize), with the damaged-JPEG check of
+    :class:`TwoCropDecoder`. Output: FFCV shape ``[B, S, S, 3]``."""
+
+    views = 1
+    center = True
+
+    def __init__(self, output_size: int):
+        super().__init__(output_size)
+
+
 @functools.cache
 def _compiled_kernels():
     # Compiled once per process and shared by every decoder (numba caches by signature).
@@ -188,4 +235,4 @@ def view_blocks(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return views[0], views[1]
 
 
-__all__ = ["TwoCropDecoder", "view_blocks"]
+__all__ = ["CenterCropDecoder", "TwoCropDecoder", "view_blocks"]

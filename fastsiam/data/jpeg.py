@@ -1,13 +1,22 @@
-"""JPEG header reading: an image's size without decoding it.
+"""JPEG helpers: an image's size without decoding it; naming and replacing a damaged one.
 
 Loaders that choose crop boxes before the decoder runs (DALI's ROI resize and ROI decode)
 need each image's height and width up front. They are in the frame header (SOFn segment,
 ITU-T T.81 section B.2.2), a few hundred bytes into the file; walking the segment list to it
 costs microseconds.
+
+Damaged samples: :func:`jpeg_problem` is the strict check (torchvision's libjpeg-turbo
+decode, which refuses what libjpeg-turbo reports as corrupt data, where DALI's decoder and PIL
+carry on), used where a decoder failed on a batch and the culprit must be named, and by
+``fastsiam verify --decode``. :func:`black_jpeg` is what ``data.on_corrupt=skip`` feeds a
+decoder in a damaged sample's place.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import re
 import struct
 
 # Start-of-frame markers: baseline, extended, progressive, lossless, with Huffman or
@@ -58,4 +67,39 @@ def jpeg_size(data: bytes | memoryview, where: str = "image") -> tuple[int, int]
     raise JPEGHeaderError(f"{where}: no JPEG frame header found")
 
 
-__all__ = ["JPEGHeaderError", "jpeg_size"]
+BLACK_SIDE = 8  # the replacement image: any size works, every crop of it is black
+
+
+def decoder_message(error: BaseException) -> str:
+    """The decoder's own words from a torchvision decode error (without its C++ file and
+    line) or from DALI's multi-line pipeline error (the line after "encountered:")."""
+    text = str(error)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    text = re.sub(r"^.*?\.cpp:\d+,\s*", "", text.strip(), flags=re.S)
+    return next((line.strip(" :") for line in text.splitlines() if line.strip(" :")), "no reason given")
+
+
+def jpeg_problem(data: bytes | bytearray | memoryview) -> str | None:
+    """Why ``data`` is not a decodable JPEG (one line), or None when it decodes."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        return decoder_message(e)
+    return None
+
+
+@functools.cache
+def black_jpeg() -> bytes:
+    """A ``BLACK_SIDE`` px black JPEG (quality 100: it decodes to exact zeros)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (BLACK_SIDE, BLACK_SIDE)).save(buf, "JPEG", quality=100)
+    return buf.getvalue()
+
+
+__all__ = ["BLACK_SIDE", "JPEGHeaderError", "black_jpeg", "decoder_message", "jpeg_problem", "jpeg_size"]

@@ -1,13 +1,24 @@
-"""The loader interface every backend implements."""
+"""The loader interface every backend implements, and its rule for damaged samples."""
 
 from __future__ import annotations
 
 import abc
+import logging
+import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.sampler import EpochSampler
+
+ON_CORRUPT = ("stop", "skip")
+log = logging.getLogger("fastsiam")
+
+
+class CorruptDataError(ValueError):
+    """A sample or data file that does not match what was written (one-line message naming
+    the file and the sample). A ``ValueError``, so the command line prints it as one line."""
 
 
 class Loader(abc.ABC):
@@ -17,17 +28,58 @@ class Loader(abc.ABC):
     from ``self.sampler.start_batch`` on. The base class counts what the consumer has taken,
     so :meth:`state_dict` taken mid-epoch resumes with the next unseen batch.
 
+    Damaged samples (``on_corrupt``): a backend that finds a sample it cannot decode calls
+    :meth:`_corrupt`. ``stop`` raises :class:`CorruptDataError`; ``skip`` has the backend put a
+    black image of the sample's label in its place (batch shapes stay static; a black image
+    needs no other sample, so the choice never depends on the thread schedule or on which
+    neighbours are damaged too), counts it in :attr:`corrupt_count` and logs a warning the
+    first time that sample is met.
+
     Attributes:
         sampler: the epoch ordering (see :mod:`fastsiam.data.sampler`).
         num_classes: number of classes in the source (for kNN / linear evaluation).
         classes: class names in label order, when the source records them.
+        on_corrupt: ``stop`` or ``skip``.
+        source: the data path (named in the ``fastsiam verify`` hint).
+        corrupt_count: damaged samples replaced so far (``skip``), every occurrence in every
+            epoch; backends that decode ahead of the consumer (nvjpeg, DALI) count a sample
+            when it is decoded, up to their prefetch depth before its batch is handed out.
+        corrupt_samples: each damaged sample replaced so far (its name) and why it is damaged.
     """
 
     num_classes: int
     classes: list[str] | None = None
 
-    def __init__(self, sampler: EpochSampler):
+    def __init__(self, sampler: EpochSampler, on_corrupt: str = "stop",
+                 source: str | os.PathLike[str] | None = None):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
         self.sampler = sampler
+        self.on_corrupt = on_corrupt
+        self.source = source
+        self.corrupt_count = 0
+        self.corrupt_samples: dict[str, str] = {}
+        self._corrupt_lock = threading.Lock()  # decoder threads report concurrently
+
+    def _corrupt(self, name: str, reason: str) -> None:
+        """One damaged sample (``name``: backend, file and sample; ``reason``: what is wrong).
+
+        ``stop``: raises :class:`CorruptDataError`. ``skip``: counts it, warns the first time
+        this sample is met, and returns; the caller then substitutes the black image.
+        """
+        if self.on_corrupt == "stop":
+            raise CorruptDataError(
+                f"{name}: {reason}; set data.on_corrupt=skip to train on with a black image in "
+                f"its place, and run `fastsiam verify --decode {self.source}` to list every "
+                "damaged sample"
+            )
+        with self._corrupt_lock:
+            self.corrupt_count += 1
+            first = name not in self.corrupt_samples
+            self.corrupt_samples.setdefault(name, reason)
+        if first:
+            log.warning("%s: %s; replaced by a black image (data.on_corrupt=skip; counted in "
+                        "loader.corrupt_count, warned once per sample)", name, reason)
 
     @abc.abstractmethod
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:

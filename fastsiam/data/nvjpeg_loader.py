@@ -17,6 +17,12 @@ Order, crops and resume: the shared :class:`~fastsiam.data.sampler.EpochSampler`
 permutation per epoch; rank ``r`` of ``w`` takes every ``w``-th sample) and the crop boxes of
 :mod:`fastsiam.data.crops`, both functions of (seed, epoch, sample), so a mid-epoch resume is
 exact and the boxes equal those of the ffcv backend and the DALI ``index`` reader.
+
+Damaged samples: a JPEG that does not decode is named (tar, key, index) and follows
+``on_corrupt`` (:class:`~fastsiam.data.loader.Loader`); with ``skip`` a black image takes its
+place. On the CPU each image is decoded alone, so the failure is the sample's; on a GPU a batch
+is decoded in one call that fails as a whole, and only then are its samples decoded one by one
+on the CPU to find the damaged ones, and the rest decoded again on the GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torchvision.transforms.v2.functional import resized_crop
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_keys
+from fastsiam.data.jpeg import BLACK_SIDE, decoder_message, jpeg_problem
 from fastsiam.data.loader import Loader
 from fastsiam.data.resample import crop_resize
 from fastsiam.data.sampler import EpochSampler
@@ -66,6 +73,7 @@ class NVJPEGLoader(Loader):
         prefetch: finished batches held ahead of the consumer.
         resize: ``batched`` (the batched matrix-product resize, any device) or ``per_image``
             (torchvision's uint8 ``resized_crop`` per image on the decoding threads; CPU only).
+        on_corrupt: ``stop`` or ``skip`` (see the module docstring).
     """
 
     def __init__(
@@ -82,8 +90,9 @@ class NVJPEGLoader(Loader):
         device: torch.device,
         prefetch: int,
         resize: str,
+        on_corrupt: str = "stop",
     ):
-        super().__init__(sampler)
+        super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
         self.train = train
         self.image_size = image_size
@@ -108,13 +117,52 @@ class NVJPEGLoader(Loader):
         blobs = pool.map(lambda i: bytearray(self.shards.read_component(i, "jpg")), indices)
         return [torch.frombuffer(b, dtype=torch.uint8) for b in blobs]
 
-    def _decode(self, data: list[torch.Tensor], pool: ThreadPoolExecutor) -> list[torch.Tensor]:
+    def _black(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros((3, BLACK_SIDE, BLACK_SIDE), dtype=torch.uint8, device=device)
+
+    def _decode_one(self, i: int, blob: torch.Tensor) -> torch.Tensor:
+        """Sample ``i`` decoded on the CPU, or (``skip``) a black image if it does not decode."""
+        try:
+            return decode_jpeg(blob, mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            self._corrupt(f"nvjpeg loader: {self.shards.describe(i)}",
+                          f"JPEG does not decode ({decoder_message(e)})")
+            return self._black(blob.device)
+
+    def _decode_batch(
+        self, indices: list[int], data: list[torch.Tensor], device: torch.device
+    ) -> list[torch.Tensor]:
+        """The batch decoded by one batched call on ``device`` (nvJPEG). That call fails as a
+        whole on one damaged JPEG; then, and only then, the samples are checked one by one on
+        the CPU, the damaged ones reported (``skip``: black images) and the rest decoded again."""
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            problems = {p: jpeg_problem(blob.numpy()) for p, blob in enumerate(data)}
+            bad = {p: why for p, why in problems.items() if why is not None}
+            if not bad:
+                raise RuntimeError(
+                    f"nvjpeg loader: the {device} decoder failed on the batch of "
+                    f"{self.shards.describe(indices[0])} and {len(indices) - 1} more, which all "
+                    f"decode on the CPU ({decoder_message(e)}); try device=cpu"
+                ) from e
+        for p, why in bad.items():
+            self._corrupt(f"nvjpeg loader: {self.shards.describe(indices[p])}",
+                          f"JPEG does not decode ({why})")
+        good = [p for p in range(len(data)) if p not in bad]
+        images = [self._black(device)] * len(data)
+        decoded = decode_jpeg([data[p] for p in good], mode=ImageReadMode.RGB, device=device) if good else []
+        for p, image in zip(good, decoded):
+            images[p] = image
+        return images
+
+    def _decode(
+        self, indices: list[int], data: list[torch.Tensor], pool: ThreadPoolExecutor
+    ) -> list[torch.Tensor]:
         if self.device.type == "cuda":
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            return self._decode_batch(indices, data, self.device)
         chunks = np.array_split(np.arange(len(data)), min(self.workers, len(data)))
-        parts = pool.map(
-            lambda c: [decode_jpeg(data[i], mode=ImageReadMode.RGB) for i in c], chunks
-        )
+        parts = pool.map(lambda c: [self._decode_one(indices[p], data[p]) for p in c], chunks)
         return [im for part in parts for im in part]
 
     def _boxes(
@@ -145,7 +193,7 @@ class NVJPEGLoader(Loader):
         out: torch.Tensor,
     ) -> None:
         # The per-image CPU path: decode and crop a chunk of the batch on one thread.
-        images = [decode_jpeg(data[p], mode=ImageReadMode.RGB) for p in positions]
+        images = [self._decode_one(int(idx[p]), data[p]) for p in positions]
         heights = np.array([im.shape[1] for im in images])
         widths = np.array([im.shape[2] for im in images])
         views = 2 if self.train else 1
@@ -167,7 +215,7 @@ class NVJPEGLoader(Loader):
         views = 2 if self.train else 1
         label = torch.from_numpy(self.shards.labels[idx]).to(self.device, non_blocking=True)
         if self.resize == "batched":
-            images = self._decode(data, pool)
+            images = self._decode(indices, data, pool)
             heights = np.array([im.shape[1] for im in images])
             widths = np.array([im.shape[2] for im in images])
             out = crop_resize(
@@ -234,6 +282,16 @@ class NVJPEGLoader(Loader):
                     continue
             return False
 
+        def get(q: queue.Queue) -> Any:
+            # The reader may stop without a last item (its put refused once the consumer
+            # stopped); a plain get() would wait for it forever.
+            while not stop.is_set():
+                try:
+                    return q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+            return _DONE
+
         def reader() -> None:
             try:
                 for indices in batches:
@@ -246,7 +304,7 @@ class NVJPEGLoader(Loader):
         def decoder() -> None:
             try:
                 while True:
-                    item = read_q.get()
+                    item = get(read_q)
                     if item is _DONE or isinstance(item, BaseException):
                         put(out_q, item)
                         return
@@ -300,6 +358,7 @@ def build(
     rank: int,
     world_size: int,
     drop_last: bool,
+    on_corrupt: str,
     readers: int = 4,
     prefetch: int = 2,
     resize: str | None = None,
@@ -337,6 +396,7 @@ def build(
         device=device,
         prefetch=prefetch,
         resize=resize,
+        on_corrupt=on_corrupt,
     )
 
 

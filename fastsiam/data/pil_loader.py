@@ -16,6 +16,13 @@ Modes (backend option ``augment``):
 
 Each sample's random draws are a function of (seed, epoch, index) alone, so a run is
 reproducible whatever the number of workers or ranks.
+
+Damaged files: a file PIL cannot open or decode becomes a black image of its label in the
+worker, which returns the file's path and the reason with the sample; the loader applies
+``on_corrupt`` (:class:`~fastsiam.data.loader.Loader`) in the main process when the batch
+arrives, so ``stop`` is one :class:`~fastsiam.data.loader.CorruptDataError` naming the file
+(an exception raised in a DataLoader worker reaches the caller wrapped in a multi-line
+traceback). PIL, like DALI, shows an image for JPEG data that libjpeg reports as corrupt.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
+from fastsiam.data.jpeg import BLACK_SIDE
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
+from fastsiam.imageio import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,7 +98,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TwoViewFolder(Dataset):
-    """ImageFolder samples as ``(view1, view2, label)`` (train) or ``(view, label)`` (val).
+    """ImageFolder samples as ``(view1, view2, label, bad_path, reason)`` (train) or ``(view,
+    label, bad_path, reason)`` (val); ``bad_path`` and ``reason`` are ``""``, or name a file
+    that does not decode and why (its views are then of a black image).
 
     Items are addressed as ``(index, epoch)`` so that the epoch reaches persistent workers.
     """
@@ -106,13 +117,18 @@ class TwoViewFolder(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
         index, epoch = key
         path, label = self.folder.samples[index]
-        with open(path, "rb") as f:
-            img = Image.open(f).convert("RGB")
+        bad_path = reason = ""
+        try:
+            with open(path, "rb") as f:
+                img = to_rgb(Image.open(f))  # 16-bit and float images rescaled, not clipped
+        except Exception as e:  # PIL raises assorted types on a damaged file
+            bad_path, reason = path, f"does not decode ({type(e).__name__}: {e})"
+            img = Image.new("RGB", (BLACK_SIDE, BLACK_SIDE))
         if not self.two_views:
-            return self.view(img), label
+            return self.view(img), label, bad_path, reason
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.view(img), self.view(img), label
+            return self.view(img), self.view(img), label, bad_path, reason
 
 
 class _EpochKeys:
@@ -133,8 +149,9 @@ class _EpochKeys:
 class PILLoader(Loader):
     """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``."""
 
-    def __init__(self, dataset: TwoViewFolder, sampler: EpochSampler, workers: int, device: torch.device):
-        super().__init__(sampler)
+    def __init__(self, dataset: TwoViewFolder, sampler: EpochSampler, workers: int, device: torch.device,
+                 on_corrupt: str = "stop"):
+        super().__init__(sampler, on_corrupt, dataset.folder.root)
         self.dataset = dataset
         self.device = device
         self.classes = list(dataset.folder.classes)
@@ -150,14 +167,17 @@ class PILLoader(Loader):
 
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
         batch_type = TwoViewBatch if self.dataset.two_views else EvalBatch
-        for tensors in self._loader:
+        for *tensors, bad_paths, reasons in self._loader:
+            for path, reason in zip(bad_paths, reasons):
+                if path:
+                    self._corrupt(f"pil loader: {path}", reason)
             yield batch_type(*(to_device(t, self.device) for t in tensors))
 
 
 def build(
     path: str | Path, *, batch_size: int, image_size: int, scale: Sequence[float], ratio: Sequence[float],
     workers: int, device: torch.device, split: str, seed: int, rank: int, world_size: int,
-    drop_last: bool, augment: str = "full",
+    drop_last: bool, on_corrupt: str, augment: str = "full",
 ) -> PILLoader:
     """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``)."""
     path = Path(path)
@@ -180,7 +200,8 @@ def build(
         len(folder), batch_size, split=split, seed=seed, rank=rank,
         world_size=world_size, drop_last=drop_last,
     )
-    return PILLoader(TwoViewFolder(folder, view, two_views=train, seed=seed), sampler, workers, device)
+    return PILLoader(TwoViewFolder(folder, view, two_views=train, seed=seed), sampler, workers, device,
+                     on_corrupt)
 
 
 __all__ = ["PILLoader", "build", "crop_view_transform", "eval_transform", "official_view_transform"]

@@ -25,6 +25,7 @@ API::
     write_index(path, samples)                  format_index(samples) -> str
     ShardWriter(tar_path, index_path)           .add(key, {ext: bytes}); .close() -> ShardEntry
     ShardReader(dir)                            len(r), r.labels, r.classes, r.read(i) -> (bytes, label)
+                                                r.describe(i): "<tar> sample <key> (index i)"
     read_member(path, offset, size) -> bytes    file_sha256(path) -> str
 
 Only the standard library and numpy are used: the GPU machines have no webdataset or DALI.
@@ -68,6 +69,7 @@ __all__ = [
     "open_shard_folder",
     "parse_index",
     "read_index",
+    "read_index_and_sha256",
     "read_manifest",
     "read_member",
     "tar_member_bytes",
@@ -136,13 +138,20 @@ def parse_index(text: str, where: str = "<index>") -> list[IndexEntry]:
 
 def read_index(path: str | os.PathLike[str]) -> list[IndexEntry]:
     """Read a DALI index file: ``[(key, {ext: (data offset, size)})]`` in sample order."""
+    return read_index_and_sha256(path)[0]
+
+
+def read_index_and_sha256(path: str | os.PathLike[str]) -> tuple[list[IndexEntry], str]:
+    """:func:`read_index` and the file's sha256, from one read (the reader checks the index
+    against the manifest at open: a few bytes per sample, less than parsing them costs)."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
+        text = data.decode()
     except FileNotFoundError:
         raise ShardFormatError(f"index file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"index file {path} is not readable text ({e})") from None
-    return parse_index(text, str(path))
+    return parse_index(text, str(path)), hashlib.sha256(data).hexdigest()
 
 
 def write_index(path: str | os.PathLike[str],
@@ -454,7 +463,7 @@ class ShardReader:
         self._size = {c: np.empty(n, dtype=np.int64) for c in self.manifest.components}
         start = 0
         for s, entry in enumerate(self.manifest.shards):
-            index = read_index(self.root / entry.index)
+            index, index_sha = read_index_and_sha256(self.root / entry.index)
             if len(index) != entry.samples:
                 raise ShardFormatError(f"{self.root / entry.index}: {len(index)} samples, the "
                                        f"manifest says {entry.samples}")
@@ -465,6 +474,7 @@ class ShardReader:
                                            f"{missing[0]!r} component")
                 for c in self.manifest.components:
                     self._offset[c][start + j], self._size[c][start + j] = comps[c]
+            self._check_files(entry, index_sha)
             self._shard[start:start + entry.samples] = s
             start += entry.samples
         self.labels = self.manifest.labels
@@ -473,8 +483,30 @@ class ShardReader:
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
+    def _check_files(self, entry: ShardEntry, index_sha: str) -> None:
+        """The checks that cost O(files): the tar's size and the index's checksum against the
+        manifest. A truncated, replaced or swapped file fails here, at open, and not as a short
+        read or a wrong sample mid-epoch; flipped bytes inside a tar need ``fastsiam verify``."""
+        if index_sha != entry.index_sha256:
+            raise ShardFormatError(f"{self.root / entry.index}: sha256 {index_sha[:16]}... does "
+                                   f"not match the manifest's {entry.index_sha256[:16]}... (the "
+                                   "index was replaced or edited; re-run data_prep/to_dali.py)")
+        tar = self.root / entry.tar
+        try:
+            size = tar.stat().st_size
+        except FileNotFoundError:
+            raise ShardFormatError(f"shard {tar} listed in the manifest is missing") from None
+        if size != entry.bytes:
+            raise ShardFormatError(f"{tar}: {size} bytes, {MANIFEST_NAME} says {entry.bytes} "
+                                   "(a truncated or replaced shard; restore it or re-run "
+                                   "data_prep/to_dali.py)")
+
     def __len__(self) -> int:
         return self.manifest.num_samples
+
+    def describe(self, i: int) -> str:
+        """Sample ``i`` for a message: its tar, key and index."""
+        return f"{self._paths[self.shard_of(i)]} sample {self.key(i)} (index {i})"
 
     def read(self, i: int) -> tuple[bytes, int]:
         """Sample ``i``'s ``ext`` bytes (the encoded image) and its label."""

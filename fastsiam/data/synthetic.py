@@ -85,10 +85,12 @@ def build(
     rank: int,
     world_size: int,
     drop_last: bool,
+    on_corrupt: str,
     num_samples: int = IMAGENET_TRAIN_SIZE,
     num_classes: int = 1000,
 ) -> SyntheticLoader:
-    """Build the synthetic loader (``path``, ``scale``, ``ratio`` and ``workers`` are unused).
+    """Build the synthetic loader (``path``, ``scale``, ``ratio``, ``workers`` and
+    ``on_corrupt`` are unused: made-up data is never damaged).
 
     Options:
         num_samples: the epoch's length (ImageNet-1k train by default).
