@@ -178,6 +178,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from fastsiam.verify import verify
+
+    report = verify(args.path, decode=args.decode, workers=args.workers)
+    for line in [*report.problems, report.summary()]:
+        print(line)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsiam", description=__doc__.splitlines()[0])
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
@@ -237,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir")
     p.add_argument("--out", help="output folder (default: <work_dir>/plots)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("verify", help="check a shard folder or .beton against its checksums (exit 1 on any problem)")
+    p.add_argument("path", help="a shard folder (data_prep/to_dali.py) or a .beton (data_prep/to_ffcv.py)")
+    p.add_argument("--decode", action="store_true", help="also decode every JPEG, naming the damaged samples (slow)")
+    p.add_argument("--workers", type=int, help="threads hashing and decoding (default: one per core)")
+    p.set_defaults(func=cmd_verify)
     for p in dict.fromkeys(sub.choices.values()):  # also after the command; SUPPRESS keeps a global --debug
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
