@@ -360,6 +360,7 @@ class Trainer:
             record = {
                 "epoch": self.epoch, "step": self.step, "loss": loss, "z_std": z,
                 "skipped_steps": len(losses) - len(kept),
+                "corrupt_samples": self.loader.corrupt_count,  # replaced under data.on_corrupt=skip
                 "z_std_healthy": 1.0 / math.sqrt(cfg.model.dim),
                 "lr": self.schedule.lr_at(self.step - 1),
                 "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
@@ -379,12 +380,13 @@ class Trainer:
         """Stop on a non-finite loss (``stop``), or after ``train.max_skipped_steps`` skipped
         steps in a row (``skip``: each such step left every state as it was)."""
         skip = self.cfg.train.on_nonfinite == "skip"
+        bad = (~finite).nonzero().flatten().tolist()  # positions in the window
         if skip:
-            for ok in finite.tolist():
-                self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
-        if bool(finite.all()):
+            for i in range(len(loss_vals)):
+                self.skipped_in_a_row = self.skipped_in_a_row + 1 if i in bad else 0
+        if not bad:
             return
-        first_bad = int((~finite).nonzero()[0])
+        first_bad = bad[0]
         step = first_step + first_bad + 1
         msg = f"non-finite loss ({loss_vals[first_bad].item()}) at step {step} (epoch {self.epoch})"
         if not skip:

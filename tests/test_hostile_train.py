@@ -65,13 +65,13 @@ def test_a_skipped_step_leaves_every_state_as_it_was(optimizer: str) -> None:
 
 
 def test_consecutive_skips_stop_the_run(toy_imagenet: Path, tmp_path: Path) -> None:
-    """optim.lr=1e37: step 1's update blows the weights up, every later loss is NaN and
+    """optim.lr=1e30: step 1's update blows the weights up, every later loss is NaN and
     skipped; after train.max_skipped_steps of them the run stops as ``stop`` does, and its
     debug checkpoint holds the (finite) BatchNorm statistics of before the skips."""
     wd = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"^3 non-finite losses in a row up to step 4 .*"
                                              r"max_skipped_steps=3\); wrote .*debug_nonfinite.pt"):
-        train(toy_imagenet, wd, **{"optim.lr": 1e37, "train.log_every": 1, "train.epochs": 3,
+        train(toy_imagenet, wd, **{"optim.lr": 1e30, "train.log_every": 1, "train.epochs": 3,
                                    "train.on_nonfinite": "skip", "train.max_skipped_steps": 3})
     state = load_checkpoint(wd / "debug_nonfinite.pt")
     assert state["step"] == 4 and state["skipped_in_a_row"] == 3
@@ -81,7 +81,7 @@ def test_consecutive_skips_stop_the_run(toy_imagenet: Path, tmp_path: Path) -> N
 
 def test_a_nan_epoch_never_becomes_best(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
-    t = train(toy_imagenet, wd, **{"optim.lr": 1e37, "train.epochs": 2, "train.log_every": 1,
+    t = train(toy_imagenet, wd, **{"optim.lr": 1e30, "train.epochs": 2, "train.log_every": 1,
                                    "train.on_nonfinite": "skip", "train.max_skipped_steps": 100})
     assert t.result.finished
     best = load_checkpoint(wd / "best.pt")
