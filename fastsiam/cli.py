@@ -1,4 +1,4 @@
-"""The ``fastsiam`` command line: train, knn, linear, test, info, predict, export, plot.
+"""The ``fastsiam`` command line: train, knn, linear, test, info, predict, export, plot, verify.
 
 Every subcommand that takes ``--config`` also takes dotted ``section.key=value`` overrides
 and ``--print-config``. Errors a user can fix (a bad config key, a missing file, a wrong data
