@@ -9,11 +9,13 @@ RuntimeError traceback; a read-only work dir as an OSError traceback.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,22 +102,30 @@ with exclusive_lock(sys.argv[1], "work dir"):
 """
 
 
-def test_a_second_trainer_on_the_work_dir_is_refused_until_the_first_dies(
-        toy_imagenet: Path, tmp_path: Path) -> None:
-    wd = tmp_path / "run"
-    wd.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(wd / LOCK_FILE)], cwd=REPO,
+@contextlib.contextmanager
+def lock_held_elsewhere(work_dir: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding the work dir's lock; SIGKILLed at the end (the kernel then
+    drops its lock)."""
+    work_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(work_dir / LOCK_FILE)], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                               text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_second_trainer_on_the_work_dir_is_refused_until_the_first_dies(
+        toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    with lock_held_elsewhere(wd) as holder:
         with pytest.raises(TrainingError, match=rf"^work dir {wd} is in use by another process "
                                                  rf"\(PID {holder.pid}, .*use another --work-dir$"):
             train(toy_imagenet, wd, **{"train.epochs": 1})
         assert not (wd / "metrics.jsonl").exists()  # the refused run wrote nothing
-    finally:
-        holder.send_signal(signal.SIGKILL)  # the kernel drops a dead holder's lock
-        holder.wait()
     assert train(toy_imagenet, wd, **{"train.epochs": 1}).result.finished
 
 
@@ -153,20 +163,12 @@ def test_a_read_only_work_dir_is_one_line(toy_imagenet: Path, tmp_path: Path) ->
 
 def test_the_cli_says_it_in_one_line(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
-    wd.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(wd / LOCK_FILE)], cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(wd) as holder:
         config = tmp_path / "toy.yaml"
         config.write_text(load_config(None, toy_overrides(toy_imagenet, **{"train.epochs": 1})).to_yaml())
         cmd = [sys.executable, "-m", "fastsiam", "train", "--config", str(config), "--work-dir", str(wd)]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert lines == [f"fastsiam train: error: work dir {wd} is in use by another process "
