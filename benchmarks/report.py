@@ -28,6 +28,7 @@ from fastsiam.benchmark import (  # noqa: E402
     RESULTS_DIR,
     ResultError,
     baseline_row,
+    is_count_row,
     load_result,
 )
 
@@ -98,7 +99,20 @@ def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool))
 
 
+def count_table(result: Result) -> str:
+    """Counted device traffic (fake CUDA): kernels, bytes and their time at the stated bandwidth."""
+    bandwidth = result.data["settings"].get("bandwidth_GBps")
+    head = ["variant", "kernels", "GB moved", f"ms at {fmt(bandwidth)} GB/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in result.rows:
+        lines.append(f"| {fmt(r['variant'])} | {r['kernels']} | {r['device_bytes'] / 1e9:.3f} | "
+                     f"{r['ms_at_bandwidth']:.2f} |")
+    return "\n".join(lines)
+
+
 def table(result: Result) -> str:
+    if result.rows and all(is_count_row(r) for r in result.rows):
+        return count_table(result)
     base = baseline_row(result.data)
     cols = columns(result)
     head = ["variant", "images/s", "min–max", *(["× baseline"] if base else []), *cols]
@@ -118,7 +132,7 @@ def describe_run(result: Result) -> str:
     d = result.data
     v = d["versions"]
     versions = ", ".join(f"{k} {x}" for k, x in v.items() if x)
-    timing = sorted({(r["repeats"], r["iters"], r["warmup"]) for r in result.rows})
+    timing = sorted({(r["repeats"], r["iters"], r["warmup"]) for r in result.rows if not is_count_row(r)})
     timed = "; ".join(f"{rep} repeats x {it} calls after {w} warm-up" for rep, it, w in timing)
     settings = {k: x for k, x in d["settings"].items() if _scalar(x)}
     lines = [
@@ -306,7 +320,7 @@ def render(results_dir: Path, out: Path, plots_dir: Path | None) -> str:
         parts.append(f"## {res.benchmark} — {res.data['device_name']} (`{res.path.name}`)\n")
         parts.append(describe_run(res) + "\n")
         parts.append(table(res) + "\n")
-        if plots_dir is not None and res.rows:
+        if plots_dir is not None and res.rows and not any(is_count_row(r) for r in res.rows):
             png = plot_variants(res, plots_dir / f"{res.stem}.png")
             parts.append(f"![{res.benchmark} images/s per variant]({_rel(png, out.parent)})\n")
             if has_workers_dimension(res):

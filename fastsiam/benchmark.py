@@ -180,8 +180,14 @@ def git_commit() -> str | None:
         return None
 
 
+#: The "device" of counted results: CUDA code traced on fake tensors (kernels and bytes, no time).
+FAKE_CUDA = "fake-cuda"
+
+
 def device_name(device: str) -> str:
     """A human name for the device: the GPU's name on CUDA, the CPU model otherwise."""
+    if str(device) == FAKE_CUDA:
+        return "fake CUDA (counted by fastsiam.testing.fake_cuda, no GPU)"
     if str(device).startswith("cuda"):
         import torch
 
@@ -199,7 +205,9 @@ def device_name(device: str) -> str:
 
 
 def device_slug(device: str) -> str:
-    """A short file-name-safe tag: e.g. ``h100``, ``a100``, ``cpu2``."""
+    """A short file-name-safe tag: e.g. ``h100``, ``a100``, ``cpu2``, ``fakecuda``."""
+    if str(device) == FAKE_CUDA:
+        return "fakecuda"
     if str(device).startswith("cuda"):
         name = device_name(device).lower()
         for tag in ("h200", "h100", "a100", "l40s", "l4", "v100", "a10", "t4", "rtx"):
@@ -293,6 +301,15 @@ class BenchmarkReport:
         self.rows.append(row)
         return row
 
+    def add_count(self, variant: str, kernels: int, device_bytes: int, bandwidth: float,
+                  **extra: Any) -> dict[str, Any]:
+        """A counted row (fake CUDA, :func:`traffic_by_function`): kernels launched, device
+        bytes read + written, and the milliseconds they take at ``bandwidth`` bytes/s."""
+        row = {"variant": variant, "kernels": kernels, "device_bytes": device_bytes,
+               "ms_at_bandwidth": device_bytes / bandwidth * 1e3, **extra}
+        self.rows.append(row)
+        return row
+
     def add_error(self, variant: str, error: str, **extra: Any) -> dict[str, Any]:
         """A row for a variant that failed (see :func:`error_message`): no numbers."""
         row = {"variant": variant, "error": error, **extra}
@@ -317,8 +334,13 @@ class BenchmarkReport:
         extra_keys = sorted({k for r in self.rows for k in r} - _ROW_CORE_KEYS)
         head = ["variant", "images/s", "min-max", *(["x baseline"] if base else []), *extra_keys]
         lines = []
+        if self.rows and all(is_count_row(r) for r in self.rows):
+            head = ["variant", "kernels", "GB", "ms at bandwidth", *extra_keys]
         for r in self.rows:
-            if "error" in r:  # the error column says why
+            if is_count_row(r):
+                cells = [r["variant"], str(r["kernels"]), f"{r['device_bytes'] / 1e9:.3f}",
+                         f"{r['ms_at_bandwidth']:.2f}"]
+            elif "error" in r:  # the error column says why
                 cells = [r["variant"], "-", "-", *(["-"] if base else [])]
             else:
                 cells = [
@@ -357,8 +379,27 @@ class BenchmarkReport:
 
 _ROW_CORE_KEYS = {
     "variant", "items_per_s", "items_per_s_min", "items_per_s_max", "seconds_per_call",
-    "repeats", "iters", "warmup", "samples",
+    "repeats", "iters", "warmup", "samples", "kernels", "device_bytes", "ms_at_bandwidth",
 }
+
+
+def is_count_row(row: dict[str, Any]) -> bool:
+    """A row of counted device traffic (no timing) rather than a measured rate."""
+    return "device_bytes" in row
+
+
+def traffic_by_function(ops: list[Any], package: str = "fastsiam") -> dict[str, tuple[int, int]]:
+    """``{function: (kernels, bytes)}`` of traced kernels (``fastsiam.testing.fake_cuda``
+    recorded with ``callers=True``), keyed by the innermost function of ``package`` (or the
+    caller outside it) that launched them, in order of first launch."""
+    out: dict[str, tuple[int, int]] = {}
+    for op in ops:
+        where = op.where or "?"
+        path, _, func = where.partition(" in ")
+        key = f"{Path(path.split(':')[0]).name}:{func}" if func else where
+        kernels, nbytes = out.get(key, (0, 0))
+        out[key] = (kernels + 1, nbytes + op.nbytes)
+    return out
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -450,9 +491,19 @@ def _type_problems(obj: dict, expected: dict[str, Any]) -> list[str]:
     return problems
 
 
+_COUNT_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "variant": (str,), "kernels": (int,), "device_bytes": (int,), "ms_at_bandwidth": (int, float),
+}
+
+
 def _row_problems(row: Any) -> list[str]:
     if not isinstance(row, dict):
         return [f"must be an object, got {type(row).__name__}"]
+    if is_count_row(row):
+        problems = _type_problems(row, _COUNT_ROW_TYPES)
+        if not problems and (row["kernels"] < 0 or row["device_bytes"] < 0 or row["ms_at_bandwidth"] < 0):
+            problems.append("counts must be >= 0")
+        return problems
     if "error" in row:
         problems = _type_problems(row, _ERROR_ROW_TYPES)
         if not problems and (not row["error"].strip() or "\n" in row["error"]):

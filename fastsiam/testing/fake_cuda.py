@@ -101,7 +101,8 @@ class DeviceOp:
         nbytes: device bytes read + written (the traffic model of the module docstring).
         region: the innermost named region when it ran (``None`` outside every region).
         where: ``file:line in function`` of the first caller outside torch, for copies and
-            syncs (``None`` for kernels: collecting stacks for every op would be slow).
+            syncs, and for kernels with ``DeviceTrace(callers=True)`` (else ``None``:
+            collecting stacks for every op is slow).
         why: what makes a copy or sync one, in words.
     """
 
@@ -146,13 +147,15 @@ class DeviceTrace(TorchDispatchMode):
     """Records every op that touches a CUDA tensor; see the module docstring.
 
     Use it through :func:`fake_cuda`. :meth:`region` names a part of the run, and every query
-    takes ``region=`` to look at that part only.
+    takes ``region=`` to look at that part only. With ``callers`` every kernel also records
+    the line that launched it (slower; for attributing traffic to functions).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, callers: bool = False) -> None:
         super().__init__()
         self.ops: list[DeviceOp] = []
         self._regions: list[str] = []
+        self.callers = callers
 
     # ---------------------------------------------------------------- recording
 
@@ -170,7 +173,7 @@ class DeviceTrace(TorchDispatchMode):
         return self._regions[-1] if self._regions else None
 
     def record(self, name: str, kind: str, nbytes: int = 0, why: str | None = None) -> None:
-        where = _caller() if kind != "kernel" else None
+        where = _caller() if kind != "kernel" or self.callers else None
         self.ops.append(DeviceOp(name, kind, nbytes, self.current_region, where, why))
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -570,14 +573,14 @@ class _DriverlessFakeTensorMode(FakeTensorMode):
 
 
 @contextlib.contextmanager
-def fake_cuda() -> Iterator[DeviceTrace]:
+def fake_cuda(callers: bool = False) -> Iterator[DeviceTrace]:
     """Fake CUDA tensors, a stand-in ``torch.cuda`` runtime, and a :class:`DeviceTrace`.
 
     Inside the block every tensor is fake (``FakeTensorMode``, real tensors made before it are
     converted on use), ``torch.cuda.is_available()`` is true, and the trace records every op
     on a CUDA tensor made by this thread. Keep work on real data outside the block.
     """
-    trace = DeviceTrace()
+    trace = DeviceTrace(callers)
     runtime = _FakeRuntime(trace)
     with contextlib.ExitStack() as stack:
         for target, value in runtime.patches().items():
