@@ -29,8 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastsiam.augment import SimSiamAugment
-from fastsiam.augment import functional as AF
-from fastsiam.benchmark import BenchmarkReport, measure
+from fastsiam.benchmark import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
 from fastsiam.data import TwoViewBatch
 
 
@@ -44,23 +43,48 @@ def synthetic_crops(n: int, size: int, seed: int) -> torch.Tensor:
 
 def stages(aug: SimSiamAugment, batch: TwoViewBatch) -> dict[str, Callable[[], Any]]:
     """The module's steps, each on a prepared input, in pipeline order."""
-    v1 = batch.view1
-    n, device = v1.shape[0], v1.device
-    x = torch.cat([batch.view1, batch.view2]).float().div_(255).contiguous()
-    p = aug.sample_params(2 * n, device)
-    mask = p.jitter.view(-1, 1, 1, 1)
+    views = batch.views
+    device = views.device
+    p = aug.sample_params(views.shape[0], device)
+    x = aug._to_planar(views, p)
     consts = aug._constants(device)
-
-    u8 = torch.cat([batch.view1, batch.view2])
     return {
-        "sample_params": lambda: aug.sample_params(2 * n, device),
-        "flip_to_float": lambda: aug._to_planar(u8, p),
+        "sample_params": lambda: aug.sample_params(views.shape[0], device),
+        "flip_to_float": lambda: aug._to_planar(views, p),
         "color_jitter": lambda: aug._color_jitter(x, p),
-        "hue_in_color_jitter": lambda: torch.where(mask, AF.adjust_hue(x, p.factors[:, 3]), x),
-        "grayscale": lambda: torch.where(p.gray.view(-1, 1, 1, 1), AF.rgb_to_grayscale(x), x),
-        "blur": lambda: torch.where(p.blur.view(-1, 1, 1, 1), AF.gaussian_blur(x, p.sigma, aug.blur_kernel_size), x),
-        "normalize": lambda: aug._normalize(x, consts),
+        "jitter_and_blur": lambda: aug._jitter_and_blur(views, p),
+        "whole_pipeline": lambda: aug._pipeline(views, p, consts),
     }
+
+
+def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float) -> BenchmarkReport:
+    """Kernels and device bytes of one call, counted on fake CUDA tensors, per function.
+
+    The traffic model (fastsiam.testing.fake_cuda): every CUDA operand of every non-view op is
+    read once in full and every result written once, no caches and no fusion, so the time at
+    ``bandwidth`` is what a memory-bound GPU would need, a floor for eager mode.
+    """
+    from fastsiam.testing.fake_cuda import fake_cuda
+
+    with fake_cuda(callers=True) as trace:
+        aug = SimSiamAugment(out_dtype=out_dtype)
+        views = torch.empty((2 * batch_size, 3, size, size), dtype=torch.uint8, device="cuda",
+                            memory_format=torch.channels_last)
+        batch = TwoViewBatch(views, torch.empty(batch_size, dtype=torch.long, device="cuda"))
+        aug(batch)  # the first call builds the constants on the device
+        with trace.region("call"):
+            aug(batch)
+    trace.assert_clean("call")
+    ops = trace.select("call", "kernel")
+    floor = views.numel() * (1 + torch.finfo(out_dtype).bits // 8)  # read uint8 once, write once
+    settings = {"batch_per_view": batch_size, "views_per_call": 2 * batch_size, "resolution": size,
+                "out_dtype": str(out_dtype).replace("torch.", ""), "bandwidth_GBps": bandwidth / 1e9,
+                "floor_bytes": floor, "compute_dtype": str(aug._working_dtype(views.device)).replace("torch.", "")}
+    report = BenchmarkReport("augment_count", FAKE_CUDA, settings)
+    report.add_count("simsiam_augment (one call)", len(ops), sum(op.nbytes for op in ops), bandwidth)
+    for name, (kernels, nbytes) in traffic_by_function(ops).items():
+        report.add_count(f"in {name}", kernels, nbytes, bandwidth)
+    return report
 
 
 def graphed(aug: SimSiamAugment, batch: TwoViewBatch) -> Callable[[], Any]:
@@ -109,9 +133,21 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time SimSiamAugment(compile=True) (default: on for cuda, off for cpu)")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--note", default=None, help="recorded in the settings (e.g. 'contended')")
+    ap.add_argument("--count", action="store_true",
+                    help="count kernels and device bytes of one call on fake CUDA (no GPU needed) "
+                         "instead of timing; writes augment_count-fakecuda.json")
+    ap.add_argument("--bandwidth", type=float, default=3.35e12,
+                    help="device bytes/s for --count's implied time (default: H100 SXM, 3.35 TB/s)")
     ap.add_argument("--out", default=None, help="directory for the JSON ($OUT or benchmarks/results)")
     args = ap.parse_args(argv)
 
+    if args.count:
+        report = count(args.batch or (4 if args.smoke else 256), 64 if args.smoke else args.size,
+                       getattr(torch, args.out_dtype), args.bandwidth)
+        print(report.table())
+        if not args.smoke or args.out:
+            print(f"wrote {report.write(args.out)}")
+        return
     device = args.device
     cuda = device.startswith("cuda")
     if args.compile is None:
@@ -126,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     views = 2 * batch_size
 
     crops = synthetic_crops(views, size, seed=0)
-    batch = TwoViewBatch(crops[:batch_size], crops[batch_size:], torch.zeros(batch_size, dtype=torch.int64))
+    batch = TwoViewBatch(crops, torch.zeros(batch_size, dtype=torch.int64))
     batch = batch.to(device)
     aug = SimSiamAugment(out_dtype=getattr(torch, args.out_dtype))  # the SimSiam recipe
 

@@ -166,9 +166,8 @@ class Run:
         if float_views:  # what pil_full delivers: normalized float32, augmented on the CPU
             mean = torch.tensor(trainer.cfg.aug.mean, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(trainer.cfg.aug.std, device=self.device).view(1, 3, 1, 1)
-            views = [((v.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-                     for v in batch[:2]]
-            batch = TwoViewBatch(*views, batch.label)
+            views = (batch.views.float() / 255 - mean) / std
+            batch = TwoViewBatch(views.contiguous(memory_format=torch.channels_last), batch.label)
         step = [0]
         last: list[torch.Tensor] = []
 

@@ -130,8 +130,8 @@ class Normalize:
         self.dtype = dtype
 
     def __call__(self, batch: TwoViewBatch) -> tuple[Tensor, Tensor]:
-        return tuple(((v.float() - self.mean) * self.inv_std).to(self.dtype)
-                     for v in batch[:2])  # type: ignore[return-value]
+        x = ((batch.views.float() - self.mean) * self.inv_std).to(self.dtype)
+        return x.chunk(2)  # type: ignore[return-value]
 
 
 class ConcatSimSiam(nn.Module):
@@ -186,10 +186,9 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
                           channels_last=v.channels_last, mode=v.mode)
     fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
-    views = [torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
-                           dtype=torch.uint8, generator=g).to(device).contiguous(memory_format=fmt)
-             for _ in range(2)]
-    batch = TwoViewBatch(*views, torch.zeros(args.batch_size, dtype=torch.long, device=device))
+    views = torch.randint(0, 256, (2 * args.batch_size, 3, args.image_size, args.image_size),
+                          dtype=torch.uint8, generator=g).to(device).contiguous(memory_format=fmt)
+    batch = TwoViewBatch(views, torch.zeros(args.batch_size, dtype=torch.long, device=device))
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

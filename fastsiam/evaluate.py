@@ -310,10 +310,10 @@ def train_linear(
             # The epoch's flips, drawn on the host (so they do not depend on the device) and
             # copied once: a copy per batch would make the host wait for the device each time.
             flips = (torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5).to(device)
-            for views in train_loader:
+            for crops in train_loader:
                 if step >= total:
                     break
-                view = views.view1
+                view = crops.view1
                 if view.is_floating_point():
                     raise ValueError("linear evaluation needs plain crops, but the loader delivered augmented "
                                      "float views; for the pil backend set data.options.augment=crop")
@@ -323,7 +323,7 @@ def train_linear(
                 schedule.set(step)
                 with torch.no_grad(), autocast(device, amp):
                     feats = model.backbone(x)
-                loss = F.cross_entropy(model.fc(feats.float()), views.label.to(device))
+                loss = F.cross_entropy(model.fc(feats.float()), crops.label.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

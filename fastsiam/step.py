@@ -17,13 +17,15 @@ Decisions:
   and_unscale_`` / ``torch._amp_update_scale_``, the kernels of ``torch.amp.GradScaler``)
   and whose skipped step is a masked update in the optimizer. bf16 needs no scaler and is
   the default.
-- **Graph capture** (PyTorch's "whole network capture" recipe): static input buffers,
+- **Graph capture** (PyTorch's "whole network capture" recipe): a static input buffer,
   warm-up iterations on a side stream (their effect on weights, BN statistics, momentum and
   the scaler is then undone, so the first replay is the first real step), one capture of
-  augmentation + forward + loss + backward + update, then a replay per batch. The lr is a
-  device tensor read by the captured update, so the schedule needs no re-capture. The
-  outputs are cloned after each replay (the static ones are overwritten by the next). A
-  batch of another shape (a short last batch) runs eagerly, with a one-time notice.
+  augmentation + forward + loss + backward + update, then a replay per batch, which copies
+  the batch's views (both in one tensor, :class:`~fastsiam.data.TwoViewBatch`) into the
+  buffer once. The lr is a device tensor read by the captured update, so the schedule needs
+  no re-capture. The outputs are cloned after each replay (the static ones are overwritten
+  by the next). A batch of another shape (a short last batch) runs eagerly, with a one-time
+  notice.
 - **DDP.** The step calls the wrapped module's forward, so DDP's gradient all-reduce runs in
   backward. With ``mode="graph"`` the all-reduce is captured too, which PyTorch supports
   under these conditions (CUDA semantics notes, "Usage with DistributedDataParallel"): NCCL
@@ -254,6 +256,10 @@ class Step:
 class GraphStep(Step):
     """The step captured once as a CUDA graph (on the first batch) and replayed per batch.
 
+    The graph reads its input from one static ``[2B, 3, H, W]`` buffer (both views, as a
+    :class:`~fastsiam.data.TwoViewBatch` holds them); a replay copies the batch into it once.
+    A batch of another shape or dtype runs eagerly.
+
     Same arguments as :class:`Step`, plus ``warmup_iters`` (default 3, or 11 for DDP).
     Needs fastsiam's ``SGD``/``LARS`` (torch.optim.SGD's foreach path reads a tensor lr on
     the host) and an augmentation without host synchronization.
@@ -286,19 +292,19 @@ class GraphStep(Step):
             self._capture(batch)
         elif not self._fits(batch):
             if not self._warned_shape:
-                warnings.warn(f"batch of shape {tuple(batch.view1.shape)} differs from the captured "
-                              f"{tuple(self._static.view1.shape)}; running it eagerly", stacklevel=2)
+                warnings.warn(f"batch views of shape {tuple(batch.views.shape)} differ from the "
+                              f"captured {tuple(self._static.views.shape)}; running it eagerly",
+                              stacklevel=2)
                 self._warned_shape = True
             return super().__call__(batch)
-        self._static.view1.copy_(batch.view1, non_blocking=True)
-        self._static.view2.copy_(batch.view2, non_blocking=True)
+        self._static.views.copy_(batch.views, non_blocking=True)
         self.graph.replay()
         # The static outputs are overwritten by the next replay; callers keep these.
         return StepOutput(self._static_out.loss.clone(), self._static_out.z_std.clone())
 
     def _fits(self, batch: TwoViewBatch) -> bool:
-        return all(t.shape == s.shape and t.dtype == s.dtype
-                   for t, s in zip(batch[:2], self._static[:2]))
+        static = self._static.views
+        return batch.views.shape == static.shape and batch.views.dtype == static.dtype
 
     def _state_tensors(self) -> list[Tensor]:
         """Everything a step mutates: weights, BN buffers, momentum, the scaler."""

@@ -114,19 +114,21 @@ def view_errors(
 
 
 def check_contract(batch: TwoViewBatch | EvalBatch, batch_size: int, size: int = SIZE) -> None:
-    """dtype, shape, memory format and device of one batch."""
-    views = batch[:-1]
-    for v in views:
-        assert v.dtype == torch.uint8
-        assert v.shape == (batch_size, 3, size, size)
-        assert v.is_contiguous(memory_format=torch.channels_last)
-        assert v.device.type == "cpu"
+    """dtype, shape, memory format and device of one batch (a train batch: both views in one
+    ``[2B, ...]`` tensor)."""
+    two = isinstance(batch, TwoViewBatch)
+    views = batch.views if two else batch.view
+    assert views.dtype == torch.uint8
+    assert views.shape == ((2 if two else 1) * batch_size, 3, size, size)
+    assert views.is_contiguous(memory_format=torch.channels_last)
+    assert views.device.type == "cpu"
     assert batch.label.dtype == torch.int64
     assert batch.label.shape == (batch_size,)
 
 
 def epoch_tensors(loader) -> list[torch.Tensor]:
-    """Every tensor of one pass over ``loader`` (for bitwise comparisons)."""
+    """Every tensor of one pass over ``loader`` (for bitwise comparisons): views and labels
+    of each batch in turn, two per batch."""
     return [t.clone() for batch in loader for t in batch]
 
 

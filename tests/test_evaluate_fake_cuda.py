@@ -25,8 +25,8 @@ BATCHES, B, SIZE = 3, 8, 32
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _device_view() -> torch.Tensor:
-    return torch.empty((B, 3, SIZE, SIZE), dtype=torch.uint8, device="cuda",
+def _device_view(views: int = 1) -> torch.Tensor:
+    return torch.empty((views * B, 3, SIZE, SIZE), dtype=torch.uint8, device="cuda",
                        memory_format=torch.channels_last)
 
 
@@ -51,8 +51,7 @@ class _TrainLoader:
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for i in range(BATCHES):
             with self.trace.region(f"batch {i}"):
-                yield TwoViewBatch(_device_view(), _device_view(),
-                                   torch.empty(B, dtype=torch.long, device="cuda"))
+                yield TwoViewBatch(_device_view(2), torch.empty(B, dtype=torch.long, device="cuda"))
 
 
 def _model() -> LinearClassifier:

@@ -183,8 +183,9 @@ def check_skipped(loader, caplog, sample: int, name: str, black_max: int = 0) ->
         where = bad_slot(loader, sample)
         batches = list(loader)
         assert len(batches) == len(loader)
-        assert all(v.shape == (B, 3, SIZE, SIZE) for b in batches for v in b[:-1])
-        for view in batches[where[0]][:-1]:
+        assert all(b.views.shape == (2 * B, 3, SIZE, SIZE) for b in batches)
+        bad_batch = batches[where[0]]
+        for view in (bad_batch.view1, bad_batch.view2):
             assert int(view[where[1]].max()) <= black_max
             others = torch.cat([view[:where[1]], view[where[1] + 1:]])
             assert others.float().std() > 10  # the other samples are images

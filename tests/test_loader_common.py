@@ -15,7 +15,7 @@ from loader_helpers import SIZE, assert_same, check_contract, epoch_tensors
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from fastsiam.data import build_loader
+from fastsiam.data import TwoViewBatch, build_loader
 from fastsiam.data.crops import (
     center_crop_boxes,
     epoch_key,
@@ -148,6 +148,29 @@ def test_batched_crop_resize_matches_torchvision():
             assert (out[k].permute(2, 0, 1).int() - ref.int()).abs().max() <= 1
 
 
+# ----------------------------------------------------------------------------- the batch
+
+
+def test_two_view_batch_holds_both_views_in_one_tensor():
+    u8 = torch.randint(0, 256, (6, 3, 4, 5), dtype=torch.uint8)
+    u8 = u8.contiguous(memory_format=torch.channels_last)
+    label = torch.arange(3)
+    batch = TwoViewBatch(u8, label)
+    # view1 / view2 are the halves of views, not copies, and stay channels_last.
+    assert batch.view1.data_ptr() == u8.data_ptr() and batch.view2.data_ptr() == u8[3:].data_ptr()
+    assert batch.view1.shape == batch.view2.shape == (3, 3, 4, 5)
+    halves = (batch.view1, batch.view2)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in halves)
+    pair = TwoViewBatch.from_pair(u8[:3], u8[3:], label)
+    assert torch.equal(pair.views, u8)
+    assert pair.views.is_contiguous(memory_format=torch.channels_last)
+    moved = TwoViewBatch(u8.contiguous(), label).to("cpu")
+    assert moved.views.is_contiguous(memory_format=torch.channels_last)
+    for views, labels in ((u8[:5], label), (u8[0], label), (u8, label[:2]), (u8, label[:, None])):
+        with pytest.raises(ValueError, match=r"expected views \[2B, C, H, W\]"):
+            TwoViewBatch(views, labels)
+
+
 # ----------------------------------------------------------------------------- synthetic, pil
 
 
@@ -162,9 +185,9 @@ def test_synthetic_contract_and_resume():
     full = [t for b in batches for t in b]
     again = build_loader("synthetic", "", seed=1, **kw)
     again.load_state_dict({"epoch": 0, "start_batch": 6})
-    assert_same(full[6 * 3 :], epoch_tensors(again))
+    assert_same(full[6 * 2 :], epoch_tensors(again))
     again.set_epoch(1)
-    assert not torch.equal(full[0], next(iter(again)).view1)
+    assert not torch.equal(full[0], next(iter(again)).views)
     val = build_loader("synthetic", "", split="val", drop_last=False, **kw)
     check_contract(next(iter(val)), 4)
 
@@ -180,6 +203,9 @@ def test_pil_crop_mode_contract(toy_imagenet):
     check_contract(batch, 8)
     order = loader.sampler.rank_indices()[:8].tolist()
     assert batch.label.tolist() == [targets[i] for i in order]
+    for k, i in enumerate(order):  # every first view, then every second view
+        first, second, *_ = loader.dataset[(i, 0)]
+        assert torch.equal(batch.view1[k], first) and torch.equal(batch.view2[k], second)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import torch
 from loader_helpers import (
@@ -98,7 +99,7 @@ def test_determinism_and_resume(backend, options, shards):
     assert state == {"epoch": 4, "start_batch": 1}
     c = load(backend, shards["train"], **options)
     c.load_state_dict(state)
-    assert_same(full[3:], epoch_tensors(c))
+    assert_same(full[2:], epoch_tensors(c))
     c.set_epoch(5)
     assert not torch.equal(full[0], epoch_tensors(c)[0])
 
@@ -144,6 +145,21 @@ def test_val_center_crops(backend, options, shards, sources):
 
 
 @needs_dali
+@pytest.mark.parametrize("n", [4, 3])
+def test_dali_outputs_become_one_view_major_tensor(shards, n):
+    """Both views' outputs are copied into the rows of one tensor, also when DALI padded its
+    batch of 4 past the n real samples (the webdataset reader's pad_last_batch)."""
+    from nvidia.dali.backend import TensorListCPU
+
+    rng = np.random.default_rng(0)
+    outputs = [rng.integers(0, 256, (4, 2, 3, 3), dtype=np.uint8) for _ in range(2)]
+    views = load("dali", shards["train"])._to_torch([TensorListCPU(o) for o in outputs], n)
+    expected = torch.from_numpy(np.concatenate([o[:n] for o in outputs])).permute(0, 3, 1, 2)
+    assert torch.equal(views, expected)
+    assert views.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_dali
 def test_dali_webdataset_reader(shards, sources):
     """DALI's own reader: shard_id/num_shards, a shuffle buffer, pad_last_batch."""
     _, labels = sources["train"]
@@ -165,6 +181,7 @@ def test_dali_webdataset_reader(shards, sources):
             batches = list(loader)
             assert len(batches) == len(loader)
             check_contract(batches[0], 4)
+            check_contract(batches[-1], len(batches[-1].label))  # a padded batch, cut
             got = [t for b in batches for t in b.label.tolist()]
             assert len(got) == per_rank
             seen.update(got)
@@ -179,7 +196,7 @@ def test_dali_webdataset_reader(shards, sources):
     assert not torch.equal(full[0], epoch_tensors(a)[0])
     b = load("dali", shards["train"], reader="webdataset", initial_fill=16)
     b.load_state_dict({"epoch": 1, "start_batch": 3})
-    assert_same(full[9:], epoch_tensors(b))
+    assert_same(full[3 * 2 :], epoch_tensors(b))
 
 
 @pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=needs_dali)])

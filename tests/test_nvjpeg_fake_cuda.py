@@ -50,8 +50,9 @@ def test_decoder_stage_drains_the_side_stream_before_decoding(
         with trace.region("hand-over"):
             batch = loader._hand_over(batch, ready)
 
-    assert batch.view1.shape == (B, 3, SIZE, SIZE) and batch.view1.device.type == "cuda"
-    assert batch.view1.is_contiguous(memory_format=torch.channels_last)
+    # Both views in one tensor, straight from the batched crop-resize (no split, no copy).
+    assert batch.views.shape == (2 * B, 3, SIZE, SIZE) and batch.views.device.type == "cuda"
+    assert batch.views.is_contiguous(memory_format=torch.channels_last)
     ops = trace.select("decoder stage")
     names = [op.name for op in ops]
     decode = names.index("torchvision decode_jpeg (cuda)")

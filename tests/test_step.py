@@ -25,18 +25,17 @@ def normalize(batch: TwoViewBatch) -> tuple[torch.Tensor, torch.Tensor]:
     The constants are copied to a device once (on the first, eager call): a copy from the host
     inside a captured CUDA graph fails the capture.
     """
-    device = batch.view1.device
+    device = batch.views.device
     if device not in _DEVICE_CONSTANTS:
         _DEVICE_CONSTANTS[device] = MEAN.to(device), STD.to(device)
     mean, std = _DEVICE_CONSTANTS[device]
-    return (batch.view1.float() - mean) / std, (batch.view2.float() - mean) / std
+    return ((batch.views.float() - mean) / std).chunk(2)
 
 
 def make_batch(n: int = 4, size: int = 16, seed: int = 0, device: str = "cpu") -> TwoViewBatch:
     g = torch.Generator().manual_seed(seed)
-    views = [torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-             for _ in range(2)]
-    return TwoViewBatch(*views, torch.zeros(n, dtype=torch.long)).to(device)
+    views = torch.randint(0, 256, (2 * n, 3, size, size), dtype=torch.uint8, generator=g)
+    return TwoViewBatch(views, torch.zeros(n, dtype=torch.long)).to(device)
 
 
 def make_model(seed: int = 0, device: str = "cpu") -> SimSiam:

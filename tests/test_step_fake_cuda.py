@@ -5,7 +5,7 @@ fake CUDA tensors (:mod:`fastsiam.testing.fake_cuda`): warm-up, capture, replay.
 region captured as a CUDA graph - augmentation of the views, autocast forward, loss, z-std,
 backward, fp16 loss scaling, the optimizer update - there must be no host<->device copy and no
 host synchronization (either fails the capture on a GPU, or bakes a stale value into every
-replay). Between replays (``LRSchedule.set``, the copy into the static inputs, the replay) the
+replay). Between replays (``LRSchedule.set``, the one copy into the static input, the replay) the
 same holds, so the host never waits for the GPU inside the loop.
 
 torch's fused SGD kernel has no fake kernel in torch 2.14 (it asks for a driver): the trace
@@ -33,9 +33,8 @@ def _views(n: int, size: int, floating: bool, channels_last: bool) -> TwoViewBat
     """Loader output on the device: uint8 crops, or the PIL reference's normalized floats."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dtype = torch.float32 if floating else torch.uint8
-    views = [torch.empty((n, 3, size, size), dtype=dtype, device="cuda", memory_format=fmt)
-             for _ in range(2)]
-    return TwoViewBatch(*views, torch.empty(n, dtype=torch.long, device="cuda"))
+    views = torch.empty((2 * n, 3, size, size), dtype=dtype, device="cuda", memory_format=fmt)
+    return TwoViewBatch(views, torch.empty(n, dtype=torch.long, device="cuda"))
 
 
 def _run_step(*, mode: str = "graph", amp: str = "bf16", channels_last: bool = True,
@@ -79,8 +78,11 @@ def test_graph_capture_and_replay_have_no_host_traffic(amp: str, channels_last: 
         assert "aten._amp_update_scale_.default" in names
     for i in (1, 2):
         trace.assert_clean(f"step {i}")
-        # lr fills, two copies into the static views, one replay, two output clones
+        # lr fills, one copy of the batch (both views) into the static buffer, one replay, two
+        # output clones
         assert trace.counts(f"step {i}")["launch"] == 1
+        kernels = [op.name for op in trace.select(f"step {i}", "kernel")]
+        assert [k for k in kernels if k.startswith("aten.copy")] == ["aten.copy_.default"], kernels
 
 
 @pytest.mark.parametrize(("optimizer", "impl", "skip_nonfinite"), [

@@ -53,7 +53,7 @@ def test_loop_syncs_once_per_log_point(mode: str, tmp_path: Path) -> None:
     trace.assert_clean(CAPTURE)
     # The first step copies the augmentation's constants to the device, once.
     assert {op.where.split(" in ")[-1] for op in trace.problems("first step")} == {"_constants"}
-    assert trace.counts("first step")["h2d"] == 6
+    assert trace.counts("first step")["h2d"] == 9  # factor ranges, mean/std, op indices, luma
     problems = trace.problems("loop")
     assert [op.kind for op in problems] == ["d2h"] * LOG_POINTS, trace.report("loop")
     assert all("_run_epoch" in op.where for op in problems), trace.report("loop")

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "blend_gray",
-    "gaussian_blur", "gaussian_kernels", "hflip", "normalize", "rgb_to_grayscale", "solarize",
+    "LUMA", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
+    "color_matrix", "gaussian_blur", "gaussian_kernels", "hflip", "normalize", "rgb_to_grayscale",
+    "separable_blur", "solarize",
 ]
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale (and PIL's "L" conversion).
-_LUMA = (0.2989, 0.587, 0.114)
+LUMA = (0.2989, 0.587, 0.114)
 
 
 def _check(img: Tensor, op: str) -> None:
@@ -48,7 +49,7 @@ def _per_sample(value: Tensor | float, img: Tensor, name: str) -> Tensor:
 def _gray(img: Tensor) -> Tensor:
     """Luma as ``[B, 1, H, W]``, summed in torchvision's order."""
     r, g, b = img.unbind(dim=1)
-    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
 
 
 def rgb_to_grayscale(img: Tensor) -> Tensor:
@@ -59,7 +60,7 @@ def rgb_to_grayscale(img: Tensor) -> Tensor:
 
 def _blend(img: Tensor, ref: Tensor, factor: Tensor) -> Tensor:
     # torchvision's blend is img * f + ref * (1 - f), clamped; lerp computes the same blend in
-    # one kernel and returns ``img`` bit for bit when f == 1 (which blend_gray relies on).
+    # one kernel.
     return torch.lerp(ref, img, factor).clamp_(0.0, 1.0)
 
 
@@ -80,29 +81,6 @@ def adjust_saturation(img: Tensor, factor: Tensor | float) -> Tensor:
     """Blend with each pixel's luma: ``factor`` 0 gives the grayscale image."""
     _check(img, "adjust_saturation")
     return _blend(img, _gray(img), _per_sample(factor, img, "adjust_saturation"))
-
-
-def blend_gray(img: Tensor, factor: Tensor, pixel_gray: Tensor, mean_gray: Tensor) -> Tensor:
-    """Brightness, contrast or saturation per sample, in one pass over the batch.
-
-    The three ops are one blend ``clamp(lerp(ref, img, factor))`` toward a different
-    reference: 0 (brightness), the image's mean luma (contrast), each pixel's luma
-    (saturation). With ``ref = pixel_gray * luma + mean_gray * mean(luma)`` each sample picks
-    its op through the 0/1 weights, and ``factor`` 1 leaves a sample exactly unchanged.
-
-    Args:
-        img: float images ``[B, 3, H, W]`` in [0, 1].
-        factor: the blend factor per sample, ``[B]``.
-        pixel_gray: 1.0 where the sample's op is saturation, else 0.0, ``[B]``.
-        mean_gray: 1.0 where the sample's op is contrast, else 0.0, ``[B]``.
-    """
-    _check(img, "blend_gray")
-    luma = _gray(img)
-    mean = luma.mean(dim=(1, 2, 3), keepdim=True)
-    ref = luma.mul(_per_sample(pixel_gray, img, "blend_gray pixel_gray")).add_(
-        mean * _per_sample(mean_gray, img, "blend_gray mean_gray")
-    )
-    return _blend(img, ref, _per_sample(factor, img, "blend_gray factor"))
 
 
 def adjust_hue(img: Tensor, factor: Tensor | float) -> Tensor:
@@ -147,27 +125,67 @@ def gaussian_kernels(sigma: Tensor, kernel_size: int, dtype: torch.dtype = torch
 
 
 def gaussian_blur(img: Tensor, sigma: Tensor | float, kernel_size: int = 23) -> Tensor:
-    """Gaussian blur with a per-sample ``sigma``, reflect padding, square ``kernel_size``.
-
-    The 2-D kernel is separable, so the image is padded once and filtered along rows, then
-    columns, by depthwise convolutions whose groups are the ``B * 3`` image planes (each
-    plane gets its own sample's kernel).
-    """
+    """Gaussian blur with a per-sample ``sigma``, reflect padding, square ``kernel_size``."""
     _check(img, "gaussian_blur")
+    kern = gaussian_kernels(_per_sample(sigma, img, "gaussian_blur").view(-1), kernel_size, img.dtype)
+    return separable_blur(img, kern)
+
+
+def separable_blur(img: Tensor, kernels: Tensor) -> Tensor:
+    """Filter each sample with its own symmetric 1-D kernel ``kernels[i]`` (``[B, K]``, K odd)
+    along rows, then columns, with reflect padding.
+
+    The image is padded once and filtered by depthwise convolutions whose groups are the
+    ``B * 3`` image planes (each plane gets its own sample's kernel). A one-hot (delta) kernel
+    returns the sample exactly, so samples that skip the blur need no select afterwards.
+    """
+    _check(img, "separable_blur")
     bsz, c, h, w = img.shape
+    kernel_size = kernels.shape[1]
     half = kernel_size // 2
     if min(h, w) <= half:
         raise ValueError(
             f"gaussian_blur: reflect padding for kernel_size {kernel_size} needs images larger "
             f"than {half} px per side, got {h}x{w}"
         )
-    kern = gaussian_kernels(_per_sample(sigma, img, "gaussian_blur").view(-1), kernel_size, img.dtype)
-    kern = kern.repeat_interleave(c, dim=0)  # [B * 3, K]: one kernel per image plane
+    kern = kernels.to(img.dtype).repeat_interleave(c, dim=0)  # [B * 3, K]: one per image plane
     planes = F.pad(img.contiguous(), (half, half, half, half), mode="reflect")
     planes = planes.view(1, bsz * c, h + 2 * half, w + 2 * half)
     planes = F.conv2d(planes, kern.view(bsz * c, 1, 1, kernel_size), groups=bsz * c)
     planes = F.conv2d(planes, kern.view(bsz * c, 1, kernel_size, 1), groups=bsz * c)
     return planes.view(bsz, c, h, w)
+
+
+def color_matrix(img: Tensor, matrix: Tensor, offset: Tensor | None = None, *,
+                 clamp: bool = True, channels_last_out: bool = False) -> Tensor:
+    """Per-sample affine colour map ``clamp(M_i x + o_i)`` of every pixel, in one batched GEMM.
+
+    Brightness, contrast, saturation and grayscale are all of this form (see
+    :class:`fastsiam.augment.SimSiamAugment`), as is normalization; one ``baddbmm`` over ``[B, 3, H*W]`` reads the batch once and writes it
+    once, where the blend formulation needs a pass per term. The identity matrix with a zero
+    offset returns every finite pixel bit for bit.
+
+    Args:
+        img: float ``[B, 3, H, W]``, planar (NCHW contiguous).
+        matrix: ``[B, 3, 3]`` (or ``[1, 3, 3]``), applied as ``out = matrix @ pixel``.
+        offset: broadcastable to ``[B, 3]`` (e.g. ``[B, 1]``: one value for every channel), added
+            after the product; None for none.
+        clamp: clamp the result to [0, 1] (as torchvision's colour ops do).
+        channels_last_out: return a channels_last tensor (the GEMM writes NHWC directly).
+    """
+    _check(img, "color_matrix")
+    b, c, h, w = img.shape
+    planes = img.reshape(b, c, h * w)
+    m = matrix.to(img.dtype).expand(b, 3, 3)  # no copy when already in the image's dtype
+    o = None if offset is None else offset.to(img.dtype).expand(b, 3)
+    if channels_last_out:  # [B, HW, 3] = pixels^T @ M^T: the NHWC layout, no transpose copy
+        lhs, rhs = planes.transpose(1, 2), m.transpose(1, 2)
+        out = torch.bmm(lhs, rhs) if o is None else torch.baddbmm(o.unsqueeze(1), lhs, rhs)
+        out = out.view(b, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = torch.bmm(m, planes) if o is None else torch.baddbmm(o.unsqueeze(2), m, planes)
+        out = out.view(b, c, h, w)
+    return out.clamp_(0.0, 1.0) if clamp else out
 
 
 def solarize(img: Tensor, threshold: Tensor | float) -> Tensor:

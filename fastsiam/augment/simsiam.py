@@ -11,15 +11,22 @@ with the same draws (tests/test_augment.py checks this sample by sample).
 Design choices:
 
 - ColorJitter's random order. torchvision applies brightness, contrast, saturation and hue
-  in a fresh random permutation per image. Here brightness, contrast and saturation share one
-  batched op (:func:`~fastsiam.augment.functional.blend_gray`: a blend toward 0, the mean luma
-  or the pixel luma, chosen per sample), and the batch runs the fixed schedule
-  ``G G G H G G G``: three generic slots, the hue rotation, three more. A sample whose hue
-  comes at position ``k`` of its permutation puts its ``k`` earlier ops in the first slots and
-  the rest after the hue, so every one of the 24 orders fits; unused slots get factor 1, which
-  leaves a sample unchanged bit for bit. This costs 6 cheap blends and 1 hue rotation per
-  batch, whatever the mix of orders, against 4 evaluations of each op for a
-  per-position select, and no op sees a data-dependent subset of the batch.
+  in a fresh random permutation per image. Brightness, contrast and saturation are each a
+  per-pixel affine colour map followed by a clamp (``f I``; ``f I`` plus ``(1 - f)`` times the
+  image's mean luma; ``f I + (1 - f) luma``), so one slot of the batch is one 3x3 matrix per
+  sample applied by a batched GEMM (:func:`~fastsiam.augment.functional.color_matrix`), and
+  the batch runs the fixed schedule ``G G G H G G G``: three generic slots, the hue rotation,
+  three more. A sample whose hue comes at position ``k`` of its permutation puts its ``k``
+  earlier ops in the first slots and the rest after the hue, so every one of the 24 orders
+  fits; unused slots get the identity matrix, which leaves a sample unchanged bit for bit.
+  No op sees a data-dependent subset of the batch.
+- Identity parameters instead of selects. Every sample goes through every op; one that skips
+  it gets the op's identity (factor 1, hue shift 0, a delta blur kernel, the identity colour
+  matrix, a solarize threshold above 1), so no op computes a result to throw it away.
+- Grayscale joins the normalization. Grayscale is a per-pixel colour map and the blur a
+  per-plane filter whose kernel sums to 1, so they commute: grayscale is applied after the
+  blur, in the same GEMM as ``(x - mean) / std``, which also writes the output dtype and the
+  channels_last layout (when solarize is on, it keeps its place between them).
 - Blur. The official code blurs with PIL (radius = sigma). This follows torchvision's
   ``GaussianBlur(kernel_size=23, sigma=(0.1, 2.0))`` as mmpretrain and solo-learn do: a true
   Gaussian truncated at 11 px (>= 5.5 sigma), reflect padding; ``aug.blur_kernel_size`` sets
@@ -27,9 +34,13 @@ Design choices:
 - Flip. Mirroring commutes with every other op here (symmetric kernel, per-pixel or
   whole-image colour ops), so it is applied first, on the uint8 data (a quarter of the
   bytes), which is then converted to float once.
-- Memory traffic. On a GPU these ops are memory bound: eagerly, each is a pass over the
-  batch. ``compile=True`` hands them (not the random draws) to ``torch.compile``, which
-  fuses the elementwise chains; benchmarks/augment.py measures both.
+- Memory traffic. On a GPU these ops are memory bound. uint8 input is converted once to
+  ``compute_dtype`` (float16 on CUDA for 16-bit output: half the bytes of float32), and the
+  passes above are what eager mode needs: 2 x 256 views at 224 px, bf16 out, count 103
+  kernels and 11.1 GB (``benchmarks/augment.py --count``, fake CUDA; the blend formulation
+  with selects counted 169 and 31.3 GB), of which the hue rotation is 4.3 GB and the jitter
+  slots 4.9. ``compile=True`` hands the ops (not the random draws) to ``torch.compile``,
+  which fuses the elementwise chains; benchmarks/augment.py measures both.
 - CUDA graphs. Random numbers come from ``torch.rand`` on the device (the given generator, or
   the device's default one, which a captured graph advances on every replay); no value is
   read on the host and every shape is static. The first call on a device builds small
@@ -108,6 +119,10 @@ class SimSiamAugment(nn.Module):
         std: per-channel std divided by at the end (ImageNet's).
         out_dtype: dtype of the returned views (float32, bfloat16 or float16).
         channels_last: return views in channels_last memory format.
+        compute_dtype: the working dtype of uint8 input after the conversion. Default: float16
+            on CUDA when ``out_dtype`` is 16-bit (half the bytes of every pass; its 11-bit
+            mantissa keeps the result within a few 16-bit roundings of float32 - bfloat16's 8
+            bits would not, through the hue's arithmetic), float32 otherwise (the CPU path).
         compile: run the ops (not the random draws, which keep the given generator) through
             ``torch.compile``, which fuses the elementwise chains into a few kernels. Eager
             mode makes one pass over the batch per op, and the colour ops are memory bound.
@@ -132,6 +147,7 @@ class SimSiamAugment(nn.Module):
         std: tuple[float, ...] | list[float] = (0.229, 0.224, 0.225),
         out_dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
+        compute_dtype: torch.dtype | None = None,
         compile: bool = False,
     ):
         super().__init__()
@@ -153,8 +169,9 @@ class SimSiamAugment(nn.Module):
             raise ValueError(f"aug.solarize_threshold must be in [0, 1], got {solarize_threshold!r}")
         if len(mean) != 3 or len(std) != 3 or not all(std):
             raise ValueError(f"aug.mean and aug.std must have 3 values, std nonzero; got {list(mean)}, {list(std)}")
-        if not out_dtype.is_floating_point:
-            raise ValueError(f"SimSiamAugment: out_dtype must be a floating dtype, got {out_dtype}")
+        for name, dtype in (("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
+            if dtype is not None and not dtype.is_floating_point:
+                raise ValueError(f"SimSiamAugment: {name} must be a floating dtype, got {dtype}")
 
         self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
         self.hue = float(hue)
@@ -164,6 +181,7 @@ class SimSiamAugment(nn.Module):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.out_dtype = out_dtype
+        self.compute_dtype = compute_dtype
         self.channels_last = channels_last
 
         # ColorJitter's factor ranges (torchvision's _check_input); a disabled op draws 1 (or
@@ -177,6 +195,8 @@ class SimSiamAugment(nn.Module):
         self._hue_on = self.hue > 0
         self._jitter_on = self.color_jitter_p > 0 and (bool(self._generic) or self._hue_on)
         self._consts: dict[torch.device, dict[str, Tensor]] = {}
+        self._typed_consts: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
+        self._mean_weights: dict[tuple[torch.device, torch.dtype, int], Tensor] = {}
         # Shapes are static per run; dynamic=False keeps every kernel specialized to them.
         self._compiled = torch.compile(self._pipeline, dynamic=False) if compile else None
 
@@ -212,9 +232,37 @@ class SimSiamAugment(nn.Module):
                 "generic": torch.tensor(self._generic, dtype=torch.long, device=device),
                 "jitter_ops": torch.tensor(self._generic + ([HUE] if self._hue_on else []),
                                            dtype=torch.long, device=device),
+                "slots": torch.arange(6, device=device),
+                "eye": torch.eye(3, **f32),
+                # every output channel = the luma (ITU-R 601-2, as torchvision's grayscale)
+                "luma": torch.tensor([list(AF.LUMA)] * 3, **f32),
+                "luma_row": torch.tensor(AF.LUMA, **f32),
+                "delta": torch.zeros(self.blur_kernel_size, **f32),  # the identity blur kernel
             }
+            consts["delta"][self.blur_kernel_size // 2] = 1.0
             self._consts[device] = consts
         return consts
+
+    def _typed(self, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The colour-matrix and blur constants in the working dtype (cast once per dtype)."""
+        key = (device, dtype)
+        typed = self._typed_consts.get(key)
+        if typed is None:
+            c = self._constants(device)
+            typed = {k: c[k].to(dtype) for k in ("eye", "luma", "delta")}
+            self._typed_consts[key] = typed
+        return typed
+
+    def _mean_luma_weights(self, x: Tensor) -> Tensor:
+        """``[3 * H * W]``: the luma weight of each value over the pixel count, so one GEMV of
+        the planar batch gives every image's mean luma (a single read of the batch)."""
+        key = (x.device, x.dtype, x.shape[2] * x.shape[3])
+        w = self._mean_weights.get(key)
+        if w is None:
+            luma = self._constants(x.device)["luma_row"] / key[2]
+            w = luma.repeat_interleave(key[2]).to(x.dtype)
+            self._mean_weights[key] = w
+        return w
 
     def sample_params(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -237,63 +285,97 @@ class SimSiamAugment(nn.Module):
         )
 
     def apply(self, img: Tensor, params: AugParams) -> Tensor:
-        """Augment ``[N, 3, H, W]`` images with ``params``; float32 planar (NCHW) in [0, 1] out.
+        """Augment ``[N, 3, H, W]`` images with ``params``; planar (NCHW) images in [0, 1] out.
 
-        ``img`` is uint8 (0-255, flipped while still 1 byte per value, then converted once)
-        or float in [0, 1]. No normalization.
+        ``img`` is uint8 (0-255, flipped while still 1 byte per value, then converted once to
+        the working dtype, see ``compute_dtype``) or float in [0, 1] (kept in its dtype). No
+        normalization. Every op runs on every sample with identity parameters where a sample
+        skips it (factor 1, hue shift 0, a delta blur kernel, an identity colour matrix), so
+        no op needs a select afterwards and every shape is static.
         """
+        x = self._jitter_and_blur(img, params)
+        if self.grayscale_p > 0:
+            x = AF.color_matrix(x, self._gray_matrices(params, x), clamp=False)
+        if self.solarize_p > 0:
+            x = self._solarize(x, params)
+        return x
+
+    def _jitter_and_blur(self, img: Tensor, params: AugParams) -> Tensor:
+        """Flip, ColorJitter, blur. Grayscale is a per-pixel colour map and the blur a per-plane
+        filter with a kernel that sums to 1, so the two commute: grayscale comes after the blur,
+        where it can join the normalization in one GEMM (:meth:`_pipeline`)."""
         x = self._to_planar(img, params)
         if self._jitter_on:
             x = self._color_jitter(x, params)
-        if self.grayscale_p > 0:
-            x = torch.where(params.gray.view(-1, 1, 1, 1), AF.rgb_to_grayscale(x), x)
         if self.blur_p > 0:
-            blurred = AF.gaussian_blur(x, params.sigma, self.blur_kernel_size)
-            x = torch.where(params.blur.view(-1, 1, 1, 1), blurred, x)
-        if self.solarize_p > 0:
-            x = torch.where(params.solarize.view(-1, 1, 1, 1), AF.solarize(x, self.solarize_threshold), x)
+            kernels = torch.where(params.blur.unsqueeze(1),
+                                  AF.gaussian_kernels(params.sigma, self.blur_kernel_size, x.dtype),
+                                  self._typed(x.device, x.dtype)["delta"])
+            x = AF.separable_blur(x, kernels)
         return x
 
+    def _gray_matrices(self, params: AugParams, x: Tensor) -> Tensor:
+        """``[N, 3, 3]``: the luma on every channel where a sample turns grey, else identity."""
+        t = self._typed(x.device, x.dtype)
+        return torch.where(params.gray.view(-1, 1, 1), t["luma"], t["eye"])
+
+    def _solarize(self, x: Tensor, params: AugParams) -> Tensor:
+        # A threshold above 1 leaves a sample as it is: no select afterwards.
+        threshold = torch.where(params.solarize, self.solarize_threshold, 2.0).to(x.dtype)
+        return AF.solarize(x, threshold)
+
+    def _working_dtype(self, device: torch.device) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        reduced = self.out_dtype in (torch.float16, torch.bfloat16)
+        return torch.float16 if reduced and device.type == "cuda" else torch.float32
+
     def _to_planar(self, img: Tensor, params: AugParams) -> Tensor:
-        """Flip (on uint8 data: a quarter of the float traffic), then float32 NCHW in [0, 1]."""
+        """Flip (on uint8 data: a quarter of the float traffic), then NCHW in [0, 1]."""
         x = AF.hflip(img, params.flip) if self.hflip_p > 0 else img
         if x.dtype != torch.uint8:
             return x.contiguous()
-        planar = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        planar = torch.empty(x.shape, dtype=self._working_dtype(x.device), device=x.device)
         return torch.mul(x, 1.0 / 255.0, out=planar)  # torchvision's to_dtype(scale=True)
 
     def _color_jitter(self, x: Tensor, params: AugParams) -> Tensor:
-        """ColorJitter in each sample's own order, as the ``G.. H G..`` schedule (module doc)."""
+        """ColorJitter in each sample's own order, as the ``G.. H G..`` schedule (module doc).
+
+        Each generic slot is one colour matrix per sample (brightness ``f I``, saturation
+        ``f I + (1 - f) luma``, contrast ``f I`` plus ``(1 - f)`` times the image's mean luma,
+        identity for a sample with no op in that slot) and one clamp: a GEMM over the batch.
+        """
         c = self._constants(x.device)
         m = len(self._generic)
         rank = params.order.argsort(dim=1).index_select(1, c["jitter_ops"])  # when each enabled op comes, in 0..3
         pos = (rank.unsqueeze(1) < rank.unsqueeze(2)).sum(dim=2)  # ... among the enabled ops
         gpos = pos[:, :m]
-        if self._hue_on:
-            # Ops before the hue go to slots 0..m-1, ops after it to slots m..2m-1.
-            slot = torch.where(gpos < pos[:, m:], gpos, gpos + (m - 1))
-            schedule = [*range(m), None, *range(m, 2 * m)]  # None: the hue rotation
-        else:
-            slot = gpos
-            schedule = list(range(m))
-        jitter = params.jitter
-        factors = params.factors.index_select(1, c["generic"])
-        for step in schedule:
-            if step is None:
-                hued = AF.adjust_hue(x, params.factors[:, HUE])
-                x = torch.where(jitter.view(-1, 1, 1, 1), hued, x)
-                continue
-            hit = (slot == step) & jitter.unsqueeze(1)  # [N, m]: which op (if any) runs here
-            factor = torch.where(hit.any(dim=1), (hit * factors).sum(dim=1), 1.0)
-            pixel_gray = self._kind(hit, SATURATION, x)
-            mean_gray = self._kind(hit, CONTRAST, x)
-            x = AF.blend_gray(x, factor, pixel_gray, mean_gray)
+        # Ops before the hue go to slots 0..m-1, ops after it to slots m..2m-1.
+        slot = torch.where(gpos < pos[:, m:], gpos, gpos + (m - 1)) if self._hue_on else gpos
+        slots = 2 * m if self._hue_on else m
+        # [S, N, m]: which op (if any) each sample runs in each slot
+        hits = (slot.unsqueeze(0) == c["slots"][:slots].view(-1, 1, 1)) & params.jitter.view(1, -1, 1)
+        factors = params.factors.index_select(1, c["generic"]).to(x.dtype)
+        factor = torch.where(hits.any(dim=2), (hits * factors).sum(dim=2), 1.0)          # [S, N]
+        kind = {op: (hits[..., self._generic.index(op)] if op in self._generic else None)
+                for op in (CONTRAST, SATURATION)}
+        t = self._typed(x.device, x.dtype)
+        matrices = factor.view(*factor.shape, 1, 1) * t["eye"]                            # [S, N, 3, 3]
+        if kind[SATURATION] is not None:
+            toward_luma = (1.0 - factor) * kind[SATURATION]
+            matrices = torch.addcmul(matrices, toward_luma.view(*factor.shape, 1, 1), t["luma"])
+        mean_weight = None if kind[CONTRAST] is None else (1.0 - factor) * kind[CONTRAST]  # [S, N]
+        for step in range(slots):
+            if self._hue_on and step == m:
+                x = AF.adjust_hue(x, torch.where(params.jitter, params.factors[:, HUE], 0.0))
+            offset = None
+            if mean_weight is not None:  # contrast: blend toward the image's mean luma
+                mean_luma = x.reshape(x.shape[0], -1) @ self._mean_luma_weights(x)       # [N]
+                offset = torch.mul(mean_weight[step], mean_luma).unsqueeze(1)
+            x = AF.color_matrix(x, matrices[step], offset)
+        if self._hue_on and slots == m:  # no generic op enabled: the hue alone
+            x = AF.adjust_hue(x, torch.where(params.jitter, params.factors[:, HUE], 0.0))
         return x
-
-    def _kind(self, hit: Tensor, op: int, x: Tensor) -> Tensor:
-        if op not in self._generic:
-            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return hit[:, self._generic.index(op)].to(x.dtype)
 
     def forward(self, batch: TwoViewBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Augment and normalize both views: ``(view1, view2)`` in ``out_dtype``.
@@ -302,21 +384,31 @@ class SimSiamAugment(nn.Module):
         floating views (already augmented by the PIL reference loader) only change dtype and
         memory format.
         """
-        v1, v2 = batch.view1, batch.view2
-        if v1.is_floating_point() and v2.is_floating_point():
-            return self._finish(v1), self._finish(v2)
-        if v1.dtype != torch.uint8 or v2.dtype != torch.uint8:
-            raise ValueError(f"SimSiamAugment: expected uint8 (or already augmented float) views, got {v1.dtype} and {v2.dtype}")
-        if v1.shape != v2.shape or v1.dim() != 4 or v1.shape[1] != 3:
-            raise ValueError(f"SimSiamAugment: expected two views of the same shape [B, 3, H, W], got {list(v1.shape)} and {list(v2.shape)}")
-        n = v1.shape[0]
-        params = self.sample_params(2 * n, v1.device, generator)
+        views = batch.views  # [2B, 3, H, W]: both views, one tensor (no concatenation)
+        n = views.shape[0] // 2
+        if views.is_floating_point():
+            out = self._finish(views)
+            return out[:n], out[n:]
+        if views.dtype != torch.uint8:
+            raise ValueError(f"SimSiamAugment: expected uint8 (or already augmented float) views, got {views.dtype}")
+        if views.shape[1] != 3:
+            raise ValueError(f"SimSiamAugment: expected views [2B, 3, H, W], got {list(views.shape)}")
+        params = self.sample_params(2 * n, views.device, generator)
         pipeline = self._pipeline if self._compiled is None else self._compiled
-        out = pipeline(torch.cat([v1, v2]), params, self._constants(v1.device))
+        out = pipeline(views, params, self._constants(views.device))
         return out[:n], out[n:]
 
     def _pipeline(self, x: Tensor, params: AugParams, consts: dict[str, Tensor]) -> Tensor:
-        return self._normalize(self.apply(x, params), consts)
+        if self.solarize_p > 0:  # solarize sits between grayscale and normalization
+            return self._normalize(self.apply(x, params), consts)
+        x = self._jitter_and_blur(x, params)
+        # Grayscale, normalization, the cast and the memory format in one GEMM:
+        # out = diag(1 / std) @ G_i @ pixel - mean / std, written NHWC when channels_last.
+        gray = self._gray_matrices(params, x) if self.grayscale_p > 0 else consts["eye"].unsqueeze(0)
+        matrices = consts["scale"].view(1, 3, 1) * gray.to(consts["scale"].dtype)
+        out = AF.color_matrix(x, matrices, consts["shift"].view(1, 3), clamp=False,
+                              channels_last_out=self.channels_last)
+        return out.to(self.out_dtype)
 
     def _normalize(self, x: Tensor, consts: dict[str, Tensor]) -> Tensor:
         """``(x - mean) / std`` written straight into the output dtype and memory format."""

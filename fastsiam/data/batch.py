@@ -1,11 +1,12 @@
 """The contract between every loader backend and the rest of fastsiam.
 
 Training loaders yield :class:`TwoViewBatch`; evaluation loaders (``split="val"``) yield
-:class:`EvalBatch`. Views are ``[B, 3, H, W]`` tensors in channels_last memory format on the
-training device. A backend that leaves augmentation to the device hands over ``uint8`` crops;
-the PIL reference in its ``full`` mode hands over already-augmented, normalized ``float32``
-views, and the device-side augmentation passes floating views through untouched
-(see :mod:`fastsiam.augment`).
+:class:`EvalBatch`. Images are ``[N, 3, H, W]`` tensors in channels_last memory format on the
+training device: a training batch holds both views of its B images in one ``[2B, 3, H, W]``
+tensor (view-major), an evaluation batch one view ``[B, 3, H, W]``. A backend that leaves
+augmentation to the device hands over ``uint8`` crops; the PIL reference in its ``full`` mode
+hands over already-augmented, normalized ``float32`` views, and the device-side augmentation
+passes floating views through untouched (see :mod:`fastsiam.augment`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,50 @@ import torch
 from torch import Tensor
 
 
-class TwoViewBatch(NamedTuple):
-    """Two random views of the same B images, and their labels (int64 ``[B]``)."""
-
-    view1: Tensor
-    view2: Tensor
+class _TwoViewFields(NamedTuple):
+    views: Tensor
     label: Tensor
+
+
+class TwoViewBatch(_TwoViewFields):
+    """Two random views of the same B images in one tensor, and their labels (int64 ``[B]``).
+
+    ``views`` is ``[2B, 3, H, W]``, view-major: rows ``[:B]`` are the images' first views,
+    rows ``[B:]`` their second views, both in the order of ``label``. One tensor, because the
+    augmentation and the captured step treat both views as one batch: loaders write both crops
+    into one buffer, and nothing downstream copies them together again. :attr:`view1` and
+    :attr:`view2` are slices of it (no copy).
+
+    A subclass of the field tuple, since a NamedTuple cannot define ``__new__``: the check of
+    the shapes runs on every construction (shape metadata only, no device sync).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, views: Tensor, label: Tensor) -> TwoViewBatch:
+        if views.dim() != 4 or views.shape[0] % 2 or label.shape != (views.shape[0] // 2,):
+            raise ValueError(
+                "TwoViewBatch: expected views [2B, C, H, W] (every first view, then every "
+                f"second view) and labels [B], got {list(views.shape)} and {list(label.shape)}"
+            )
+        return super().__new__(cls, views, label)
+
+    @classmethod
+    def from_pair(cls, view1: Tensor, view2: Tensor, label: Tensor) -> TwoViewBatch:
+        """A batch from two separate ``[B, 3, H, W]`` views, concatenated (one copy; a
+        channels_last pair stays channels_last). For tests and callers that truly hold two
+        tensors; loaders write both views into one tensor instead."""
+        return cls(torch.cat([view1, view2]), label)
+
+    @property
+    def view1(self) -> Tensor:
+        """The first views, ``[B, 3, H, W]``: a slice of :attr:`views`."""
+        return self.views[: self.views.shape[0] // 2]
+
+    @property
+    def view2(self) -> Tensor:
+        """The second views, ``[B, 3, H, W]``: a slice of :attr:`views`."""
+        return self.views[self.views.shape[0] // 2 :]
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> TwoViewBatch:
         return TwoViewBatch(*(to_device(t, device, non_blocking) for t in self))

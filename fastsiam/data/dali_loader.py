@@ -37,9 +37,12 @@ checksums) or ``verify --decode`` (a strict decode) catch those. The ``webdatase
 chooses its samples inside DALI, so a decode failure stops the run with a pointer to
 ``fastsiam verify --decode``, and ``skip`` needs the ``index`` reader.
 
-Batches arrive as uint8 channels_last ``[B, 3, S, S]`` torch tensors on the pipeline's device:
-DALI's NHWC output is copied once into a torch tensor (device to device with a GPU), whose
-NCHW permutation is channels_last without another copy.
+Batches arrive as uint8 channels_last torch tensors on the pipeline's device: DALI's NHWC
+outputs (one per view: DALI builds batches sample by sample, so it cannot lay out both views
+view-major itself) are each copied once, out of DALI's recycled buffers, into their rows of
+one torch tensor (device to device with a GPU), the ``[2B, 3, S, S]`` views of a
+:class:`~fastsiam.data.TwoViewBatch` (``[B, 3, S, S]`` for evaluation); its NCHW
+permutation is channels_last without another copy.
 """
 
 from __future__ import annotations
@@ -279,14 +282,25 @@ class DALITwoViewLoader(Loader):
 
     # ------------------------------------------------------------------ iteration
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        # One copy from DALI's buffer (recycled on the next run) into a torch tensor that the
-        # consumer owns; NHWC memory permuted to NCHW is channels_last.
-        dense = tensor_list.as_tensor()
-        out = torch.empty(tuple(dense.shape()), dtype=torch.uint8, device=self.device)
+    def _to_torch(self, tensor_lists, n: int) -> torch.Tensor:
+        """The image outputs (one per view) as one channels_last ``[views * n, 3, S, S]``
+        tensor, view-major, that the consumer owns: one copy per output out of DALI's buffer
+        (recycled on the next run), straight into the view's rows.
+
+        Output ``k`` (``m >= n`` samples) is written to rows ``[k * n, k * n + m)``: the rows
+        past ``n`` of a padded batch (the webdataset reader's ``pad_last_batch``) are
+        overwritten by the next view, or cut off after the last, so no other copy is needed.
+        """
+        dense = [t.as_tensor() for t in tensor_lists]
+        m, *sample = dense[0].shape()
+        views = len(dense)
+        out = torch.empty(((views - 1) * n + m, *sample), dtype=torch.uint8, device=self.device)
+        # In view order (queued on one stream with a GPU): a view's padding is written before
+        # the next view overwrites it.
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        feed_ndarray(dense, out, cuda_stream=stream)
-        return out.permute(0, 3, 1, 2)
+        for k, d in enumerate(dense):
+            feed_ndarray(d, out[k * n : k * n + m], cuda_stream=stream)
+        return out[: views * n].permute(0, 3, 1, 2)
 
     def _labels(self, tensor_list) -> torch.Tensor:
         array = tensor_list.as_array()
@@ -353,9 +367,9 @@ class DALITwoViewLoader(Loader):
                         break
                     n = min(s.batch_size, remaining)
                     remaining -= n
-                    tensors = [self._to_torch(o)[:n] for o in outputs[:-1]]
+                    views = self._to_torch(outputs[:-1], n)
                     label = self._labels(outputs[-1])[:n]
-                    yield TwoViewBatch(*tensors, label) if self.train else EvalBatch(*tensors, label)
+                    yield TwoViewBatch(views, label) if self.train else EvalBatch(views, label)
                 else:
                     return
             finally:

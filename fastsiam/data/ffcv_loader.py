@@ -5,8 +5,8 @@ reads a memory-mapped .beton and runs numba-compiled decoders on threads. Here t
 field goes through :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` (one JPEG decode, two
 RandomResizedCrops), so one pass yields both SimSiam views; flips and colour work happen on
 the device. Batches are moved with FFCV's ``ToDevice(non_blocking=True)`` on FFCV's own CUDA
-streams; each view is already a channels_last block, copied once out of FFCV's recycled
-buffers (option ``copy``).
+streams; both views are already one channels_last block, copied once out of FFCV's
+recycled buffers (option ``copy``).
 
 Order (backend option ``order``):
 
@@ -55,7 +55,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.beton import check_scratch, open_beton
-from fastsiam.data.ffcv_ops import CenterCropDecoder, TwoCropDecoder, view_blocks
+from fastsiam.data.ffcv_ops import CenterCropDecoder, TwoCropDecoder, two_views
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 
@@ -157,13 +157,13 @@ class FFCVTwoViewLoader(Loader):
             for k, (images, labels) in enumerate(_guarded(epoch)):
                 self._check_decoded(k)
                 label = labels.reshape(-1)
-                blocks = list(view_blocks(images)) if self.train else [images]
+                block = two_views(images) if self.train else images
                 if self.copy:
                     label = label.clone()
-                    blocks = [_owned(b) for b in blocks]
-                # NHWC blocks permuted to NCHW: channels_last without a copy.
-                views = [b.permute(0, 3, 1, 2) for b in blocks]
-                yield TwoViewBatch(*views, label) if self.train else EvalBatch(*views, label)
+                    block = _owned(block)
+                # The NHWC block permuted to NCHW: channels_last without a copy.
+                views = block.permute(0, 3, 1, 2)
+                yield TwoViewBatch(views, label) if self.train else EvalBatch(views, label)
         finally:
             epoch.close()
 

@@ -10,9 +10,9 @@ augmentations are left to the device (:mod:`fastsiam.augment`), where they are b
 cheap (FFCV's CPU flip copies every image once more).
 
 The batch buffer is filled view-major: FFCV allocates ``[B, 2, S, S, 3]`` (its shapes are per
-sample), but the memory holds ``[2, B, S, S, 3]``, so that each view is one contiguous NHWC
-block, i.e. a channels_last ``[B, 3, S, S]`` tensor without a transposing copy. Read it with
-:func:`view_blocks`.
+sample), but the memory holds ``[2B, S, S, 3]`` (every first view, then every second), one
+contiguous NHWC block, i.e. the channels_last ``[2B, 3, S, S]`` views of a
+:class:`~fastsiam.data.TwoViewBatch` without a copy. Read it with :func:`two_views`.
 
 Crops come from :mod:`fastsiam.data.crops`, a counter-based generator keyed by
 (seed, epoch, sample, view), so they are reproducible whatever the thread schedule. The
@@ -55,7 +55,7 @@ class TwoCropDecoder(Operation):
     """Decoder for an ``RGBImageField``: two RandomResizedCrops per decoded image.
 
     Output: a uint8 batch buffer of FFCV shape ``[B, 2, S, S, 3]`` holding ``[2, B, S, S, 3]``
-    (view-major, see :func:`view_blocks`). Works on JPEG and raw samples and on datasets of
+    (view-major, see :func:`two_views`). Works on JPEG and raw samples and on datasets of
     varying image sizes (the scratch buffer fits the largest).
 
     Args:
@@ -226,13 +226,13 @@ def _compiled_kernels():
     return scalar_kernels(numba.njit(nogil=True))
 
 
-def view_blocks(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two views of a :class:`TwoCropDecoder` batch (any device) as contiguous NHWC
-    ``[B, S, S, 3]`` blocks (views of ``batch``'s memory; ``.permute(0, 3, 1, 2)`` makes each a
-    channels_last ``[B, 3, S, S]`` tensor without a copy)."""
+def two_views(batch: torch.Tensor) -> torch.Tensor:
+    """The views of a :class:`TwoCropDecoder` batch (any device) as one contiguous NHWC
+    ``[2B, S, S, 3]`` block, view-major: a view of ``batch``'s memory (``view`` rather than
+    ``reshape``, so a layout that would need a copy fails loudly); ``.permute(0, 3, 1, 2)``
+    makes it a channels_last ``[2B, 3, S, S]`` tensor without a copy."""
     n, _, s = batch.shape[:3]
-    views = batch.reshape(VIEWS, n, s, s, 3)
-    return views[0], views[1]
+    return batch.view(VIEWS * n, s, s, 3)
 
 
-__all__ = ["CenterCropDecoder", "TwoCropDecoder", "view_blocks"]
+__all__ = ["CenterCropDecoder", "TwoCropDecoder", "two_views"]

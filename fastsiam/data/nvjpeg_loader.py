@@ -225,9 +225,10 @@ class NVJPEGLoader(Loader):
             out = torch.empty((views * n, s, s, 3), dtype=torch.uint8)
             chunks = np.array_split(np.arange(n), min(self.workers, n))
             list(pool.map(lambda c: self._decode_crop(epoch, idx, c, data, out), chunks))
-        # [views * n, S, S, 3] view-major: each view is one NHWC block, i.e. channels_last NCHW.
+        # [views * n, S, S, 3] view-major, one NHWC block: the batch's views as channels_last
+        # NCHW, without a copy.
         nchw = out.permute(0, 3, 1, 2)
-        return TwoViewBatch(*nchw.split(n), label) if self.train else EvalBatch(nchw, label)
+        return TwoViewBatch(nchw, label) if self.train else EvalBatch(nchw, label)
 
     def _make_device_batch(
         self,

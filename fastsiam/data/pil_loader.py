@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
@@ -146,6 +146,16 @@ class _EpochKeys:
         return len(self.sampler)
 
 
+def _collate(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """:class:`TwoViewFolder` samples as ``(views, labels, bad_paths, reasons)``: ``views``
+    stacks every first view, then every second, into one ``[views * B, 3, H, W]`` tensor (the
+    layout of a :class:`~fastsiam.data.TwoViewBatch`, by the one stack a batch needs anyway;
+    into shared memory in a worker, as ``default_collate`` does)."""
+    *views, labels, bad_paths, reasons = zip(*samples)
+    return (default_collate([v for view in views for v in view]), default_collate(labels),
+            list(bad_paths), list(reasons))
+
+
 class PILLoader(Loader):
     """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``."""
 
@@ -159,6 +169,7 @@ class PILLoader(Loader):
         self._loader = DataLoader(
             dataset,
             batch_sampler=_EpochKeys(sampler),
+            collate_fn=_collate,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=device.type == "cuda",
@@ -167,11 +178,11 @@ class PILLoader(Loader):
 
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
         batch_type = TwoViewBatch if self.dataset.two_views else EvalBatch
-        for *tensors, bad_paths, reasons in self._loader:
+        for views, label, bad_paths, reasons in self._loader:
             for path, reason in zip(bad_paths, reasons):
                 if path:
                     self._corrupt(f"pil loader: {path}", reason)
-            yield batch_type(*(to_device(t, self.device) for t in tensors))
+            yield batch_type(to_device(views, self.device), to_device(label, self.device))
 
 
 def build(

@@ -24,7 +24,8 @@ IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 class SyntheticLoader(Loader):
-    """Random uint8 views ``[B, 3, S, S]`` (channels_last) and labels, generated on ``device``.
+    """Random uint8 views (channels_last: ``[2B, 3, S, S]`` for both views of a train batch,
+    ``[B, 3, S, S]`` for val) and labels, generated on ``device``.
 
     Args:
         sampler: epoch order and this rank's share (only the indices' count and labels matter).
@@ -50,25 +51,25 @@ class SyntheticLoader(Loader):
         self.device = device
         self._generator = torch.Generator(device=device)
 
-    def _views(self, count: int, batch_size: int) -> list[torch.Tensor]:
+    def _views(self, count: int) -> torch.Tensor:
         s = self.image_size
         # Drawn as NHWC and permuted: the result is channels_last without a copy.
-        shape = (count * batch_size, s, s, 3)
         pixels = torch.randint(
-            0, 256, shape, dtype=torch.uint8, device=self.device, generator=self._generator
+            0, 256, (count, s, s, 3), dtype=torch.uint8, device=self.device,
+            generator=self._generator,
         )
-        return list(pixels.permute(0, 3, 1, 2).split(batch_size))
+        return pixels.permute(0, 3, 1, 2)
 
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
         s = self.sampler
         for b, indices in enumerate(s, start=s.start_batch):
             self._generator.manual_seed(derive_seed(s.seed, s.epoch, s.rank, b))
-            views = self._views(2 if self.two_views else 1, len(indices))
+            views = self._views((2 if self.two_views else 1) * len(indices))
             # Labels are drawn on the device too: a label built on the host would be a copy
             # from pageable memory in every step.
             label = torch.randint(0, self.num_classes, (len(indices),), device=self.device,
                                   generator=self._generator)
-            yield TwoViewBatch(*views, label) if self.two_views else EvalBatch(*views, label)
+            yield TwoViewBatch(views, label) if self.two_views else EvalBatch(views, label)
 
 
 def build(
