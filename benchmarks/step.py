@@ -44,11 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from fastsiam.benchmark import (
+    FAKE_CUDA,
     BenchmarkReport,
     error_message,
     measure,
     peak_memory_mb,
     reset_peak_memory,
+    traffic_by_function,
 )
 from fastsiam.config import AugConfig, OptimConfig
 from fastsiam.data.batch import TwoViewBatch
@@ -214,6 +216,48 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
     return {"measurement": m, **extra}
 
 
+#: The model's own heavy ops: what the rest of the step's traffic is compared with.
+MODEL_HEAVY = ("aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm")
+
+
+def count(args: argparse.Namespace, bandwidth: float) -> BenchmarkReport:
+    """Kernels and device bytes of the captured step (the ``+augmentation`` row: bf16,
+    channels_last, fused SGD, the device augmentation inside the graph), counted on fake CUDA.
+
+    Rows: the whole captured region, the model's convolutions and GEMMs (forward and backward),
+    everything else (augmentation, BatchNorm, activations, loss, optimizer: the traffic this
+    project controls), then per function that launched it (``step.py:_run`` is the backward).
+    """
+    from fastsiam.testing.fake_cuda import CAPTURE, fake_cuda
+
+    with fake_cuda(callers=True) as trace:
+        model = SimSiam(args.arch, args.dim, args.pred_dim).to("cuda", memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, OptimConfig(impl="fused"), lr=0.05 * args.batch_size / 256,
+                                    device="cuda")
+        step = build_step(model, optimizer, load_augment(torch.bfloat16), device="cuda", amp="bf16",
+                          mode="graph")
+        views = torch.empty((2 * args.batch_size, 3, args.image_size, args.image_size),
+                            dtype=torch.uint8, device="cuda", memory_format=torch.channels_last)
+        step(TwoViewBatch(views, torch.empty(args.batch_size, dtype=torch.long, device="cuda")))
+    trace.assert_clean(CAPTURE)
+    ops = trace.select(CAPTURE, "kernel")
+    def is_heavy(op: Any) -> bool:  # the blur's depthwise convolutions are augmentation
+        return op.name.rsplit(".", 1)[0] in MODEL_HEAVY and "augment" not in (op.where or "")
+
+    heavy = [op for op in ops if is_heavy(op)]
+    rest = [op for op in ops if not is_heavy(op)]
+    settings = {"arch": args.arch, "batch_size": args.batch_size, "resolution": args.image_size,
+                "amp": "bf16", "optimizer": "fused SGD", "mode": "graph", "bandwidth_GBps": bandwidth / 1e9,
+                "fused_sgd": "no fake kernel: counted as one kernel reading and writing its tensors"}
+    report = BenchmarkReport("step_count", FAKE_CUDA, settings)
+    for name, group in (("captured step", ops), ("model convolutions and GEMMs", heavy),
+                        ("everything else", rest)):
+        report.add_count(name, len(group), sum(op.nbytes for op in group), bandwidth)
+    for name, (kernels, nbytes) in traffic_by_function(rest).items():
+        report.add_count(f"else in {name}", kernels, nbytes, bandwidth)
+    return report
+
+
 def record_row(v: Variant, args: argparse.Namespace, device: torch.device,
                report: BenchmarkReport) -> bool:
     """Measure ``v`` into ``report`` (a row, a failed row or a skip); False if it failed."""
@@ -253,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="step", help="result file name stem (default step)")
     p.add_argument("--out", default=None, help="results directory ($OUT or benchmarks/results)")
     p.add_argument("--note", default=None, help="a remark stored with the results (machine load...)")
+    p.add_argument("--count", action="store_true",
+                   help="count kernels and device bytes of the captured step on fake CUDA (no GPU "
+                        "needed) instead of timing; writes step_count-fakecuda.json")
+    p.add_argument("--bandwidth", type=float, default=3.35e12,
+                   help="device bytes/s for --count's implied time (default: H100 SXM, 3.35 TB/s)")
     args = p.parse_args(argv)
     smoke = dict(arch="resnet18", image_size=64, batch_size=8, iters=2, warmup=1)
     full = dict(arch="resnet50", image_size=224, batch_size=256, iters=20, warmup=5)
@@ -261,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
     if args.smoke:
         args.repeats = min(args.repeats, 2)
+    if args.count:
+        report = count(args, args.bandwidth)
+        print(report.table())
+        print(f"wrote {report.write(args.out)}")
+        return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     try:

@@ -605,3 +605,28 @@ def test_report_without_plots_and_cli_errors(fixture_results, tmp_path) -> None:
     text = render(fixture_results, tmp_path / "B.md", None)
     assert "![" not in text and "| nvjpeg + fast |" in text
     assert main(["--results", str(tmp_path / "nowhere"), "--out", str(tmp_path / "C.md")]) == 2
+
+
+def test_step_count_writes_a_valid_counted_result(tmp_path) -> None:
+    """benchmarks/step.py --count on fake CUDA: the captured step split into the model's
+    convolutions and GEMMs and the rest, per function; the file passes the schema and
+    report.py renders it as a count table."""
+    from benchmarks.report import Result, table
+    from benchmarks.step import main
+
+    args = ["--count", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
+            "--dim", "64", "--pred-dim", "16", "--out", str(tmp_path)]
+    assert main(args) == 0
+    path = tmp_path / "step_count-fakecuda.json"
+    data = B.load_result(path)
+    rows = {r["variant"]: r for r in data["rows"]}
+    whole, heavy, rest = (rows[k] for k in ("captured step", "model convolutions and GEMMs",
+                                            "everything else"))
+    assert whole["kernels"] == heavy["kernels"] + rest["kernels"] > 100
+    assert whole["device_bytes"] == heavy["device_bytes"] + rest["device_bytes"]
+    per_function = [r for name, r in rows.items() if name.startswith("else in ")]
+    assert sum(r["device_bytes"] for r in per_function) == rest["device_bytes"]
+    assert whole["ms_at_bandwidth"] == pytest.approx(whole["device_bytes"] / 3.35e12 * 1e3)
+    assert "| captured step |" in table(Result(path, data))
+    bad = {**data, "rows": [{**whole, "kernels": -1}]}
+    assert B.validate_result(bad) == ["rows[0]: counts must be >= 0"]
