@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import multiprocessing
@@ -683,16 +682,6 @@ def read_skip_report(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
             rel, _, reason = line.partition("\t")
             rows.append((unescape_field(rel), unescape_field(reason)))
     return rows
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks (``fastsiam.data.shards`` has the same,
-    but importing it imports torch)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- parallelism

@@ -26,8 +26,8 @@ in order, and ffcv's DatasetWriter, with one writer process, places the results 
 file. ffcv's own multi-process writing gives a different page layout on every run; this way
 the same input and options give a byte-identical ``.beton`` whatever ``--workers`` is.
 Beside the output: ``<name>.classes.json``, ``<name>.skipped.tsv`` (bad files and why) and
-``<name>.beton.json`` (its size and sha256, see :func:`checksum_record`), all written under
-temporary names and renamed once the file is complete, the ``.beton`` last.
+``<name>.beton.json`` (its size and sha256: :func:`fastsiam.data.beton.make_checksum_record`),
+all written under temporary names and renamed once the file is complete, the ``.beton`` last.
 
 Failures: a second conversion to the same ``--out`` is refused while the first runs (the lock
 ``.<name>.beton.lock``); when ffcv's writer process fails (a full disk, a bad sample) or dies,
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import multiprocessing
 import os
 import signal
@@ -66,7 +65,6 @@ from data_prep.sources import (
     add_source_arguments,
     check_image,
     classes_json,
-    file_sha256,
     injected_delay,
     load_rgb,
     make_readable,
@@ -85,7 +83,6 @@ FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE
 VERIFY_SIZE = 96  # side of the center crops compared in --verify
-CHECKSUM_FORMAT = "fastsiam-beton-checksum"
 
 
 def sidecar(out: Path, suffix: str) -> Path:
@@ -454,6 +451,7 @@ def _write(out: Path, dataset: PreparedImages, fields: dict[str, Any], page_size
     """
     from ffcv.writer import DatasetWriter
 
+    from fastsiam.data.beton import make_checksum_record
     from fastsiam.io import atomic_path
 
     with contextlib.ExitStack() as outputs:  # leaving it renames in reverse order
@@ -461,24 +459,12 @@ def _write(out: Path, dataset: PreparedImages, fields: dict[str, Any], page_size
         writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=1)
         with _no_tqdm_monitor(), _stop_if_writer_dies(out, dataset, writer):
             _write_beton(writer, dataset, chunk_size)
-        sidecars = {**sidecars, "beton.json": checksum_record(tmp, out.name, len(dataset))}
+        sidecars = {**sidecars, "beton.json": make_checksum_record(tmp, out.name, len(dataset))}
         temps = [tmp]
         for suffix, data in sidecars.items():
             temps.append(outputs.enter_context(atomic_path(sidecar(out, suffix))))
             temps[-1].write_bytes(data)
         make_readable(temps)
-
-
-def checksum_record(path: Path, name: str, num_samples: int) -> bytes:
-    """``<name>.beton.json``: what ``fastsiam verify`` checks a .beton against.
-
-    ``{"format": "fastsiam-beton-checksum", "version": 1, "file": <the .beton's name>,
-    "bytes": <its size>, "sha256": <hex digest of the whole file>, "num_samples": <n>}``
-    (deterministic: no timestamps). Hashing reads the finished file once more (~1 GB/s).
-    """
-    return (json.dumps({"format": CHECKSUM_FORMAT, "version": 1, "file": name,
-                        "bytes": path.stat().st_size, "sha256": file_sha256(path),
-                        "num_samples": num_samples}, indent=1) + "\n").encode()
 
 
 def _stored_modes(path: Path) -> dict[str, int]:

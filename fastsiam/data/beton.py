@@ -17,6 +17,7 @@ API::
     open_beton(path, image_field, label_field) -> ffcv Reader   one-line ValueError otherwise
     read_beton(path, image_field, label_field, who)             the same without the table checks
     checksum_record(path) -> {"bytes", "sha256", "num_samples", ...} | None
+    make_checksum_record(path, name, num_samples) -> bytes   (what to_ffcv.py writes)
     beton_problems(reader, path, image_field) -> [message]       empty when consistent
     check_scratch(reader, path, image_field, batch_size, batches_ahead)
 """
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from fastsiam.io import file_sha256
+
 # The largest image side accepted (pixels). FFCV's metadata holds 16 bits; data_prep/to_ffcv.py
 # stores at most --max-resolution (500 by default), and a decoder's scratch buffer grows with
 # the square of the largest side, per batch slot.
@@ -43,13 +46,22 @@ MAX_JPEG_PIXELS_PER_BYTE = 256
 RAW = 1  # ffcv's IMAGE_MODES: jpg 0, raw 1
 MODES = {0: "jpg", RAW: "raw"}
 EXPECTED = "an FFCV .beton file (data_prep/to_ffcv.py)"
-CHECKSUM_FORMAT = "fastsiam-beton-checksum"  # data_prep/to_ffcv.py's checksum_record
+CHECKSUM_FORMAT = "fastsiam-beton-checksum"  # written by data_prep/to_ffcv.py
 CHECKSUM_VERSION = 1
 
 
 def checksum_path(path: Path) -> Path:
     """``train.beton`` -> ``train.beton.json``, the converter's checksum record."""
     return path.with_name(f"{path.stem}.beton.json")
+
+
+def make_checksum_record(path: Path, name: str, num_samples: int) -> bytes:
+    """The record :func:`checksum_record` reads, of the finished file ``path`` that will be
+    called ``name``: ``{"format", "version", "file", "bytes", "sha256", "num_samples"}``,
+    deterministic (no timestamps). Hashing reads the file once more (~1 GB/s)."""
+    return (json.dumps({"format": CHECKSUM_FORMAT, "version": CHECKSUM_VERSION, "file": name,
+                        "bytes": path.stat().st_size, "sha256": file_sha256(path),
+                        "num_samples": num_samples}, indent=1) + "\n").encode()
 
 
 def checksum_record(path: Path) -> dict[str, Any] | None:
@@ -232,5 +244,5 @@ def check_scratch(reader: Any, path: Path, image_field: str, batch_size: int, ba
 
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_JPEG_PIXELS_PER_BYTE", "beton_problems", "check_scratch",
-           "checksum_path", "checksum_record", "image_metadata", "open_beton", "physical_memory",
-           "read_beton"]
+           "checksum_path", "checksum_record", "image_metadata", "make_checksum_record",
+           "open_beton", "physical_memory", "read_beton"]

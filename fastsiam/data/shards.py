@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from fastsiam.io import file_sha256
+
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fastsiam-webdataset"
@@ -201,14 +203,6 @@ def ustar_header(name: str, size: int) -> bytes:
     checksum = _HEADER_SUM + sum(raw) + sum(size_field) - sum(_HEADER[124:136])
     return (raw + _HEADER[len(raw):124] + size_field + _HEADER[136:148]
             + b"%06o\0 " % checksum + _HEADER[156:])
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
