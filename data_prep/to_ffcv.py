@@ -77,6 +77,7 @@ from data_prep.sources import (
     source_from_args,
     verify_indices,
 )
+from fastsiam.io import remove_partials
 
 FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt packages "
              "pkg-config libopencv-dev libturbojpeg0-dev)")
@@ -375,9 +376,8 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
     except ImportError:
         raise ConversionError(FFCV_HINT) from None
     with output_lock(out):
-        for stale in out.parent.glob(f".{out.name}.*.partial*"):  # left by a killed run
-            print(f"removing {stale} (left by an interrupted run)", file=sys.stderr)
-            stale.unlink()
+        for stale in remove_partials(out.parent, out.name):  # left by a killed run
+            print(f"removed {stale} (left by an interrupted run)", file=sys.stderr)
         begin = time.perf_counter()
         items, sizes, skipped = _check(source, workers, strict, quiet)
         # A sample must fit in one ffcv page: size pages for the largest raw image.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
 import tempfile
@@ -96,16 +97,19 @@ def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def remove_partials(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files that killed writers left in ``directory``; returns them.
+def remove_partials(directory: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete the temporary files (:func:`atomic_path`'s ``.<name>.<random>.partial``) that
+    killed writers left in ``directory``, of ``name`` only or of every name; returns them.
 
-    Only safe while no live writer uses the folder (hold :func:`exclusive_lock` first).
+    Only safe while no live writer of them exists (hold :func:`exclusive_lock` first).
     """
+    pattern = f".{glob.escape(name) if name is not None else '*'}.*.partial"
     removed = []
-    for p in Path(directory).glob(".*.partial"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed.append(p)
+    for p in Path(directory).glob(pattern):
+        if p.is_file():  # never a folder (to_dali's staging folder ends in .partial too)
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
     return removed
 
 
