@@ -153,7 +153,8 @@ def _record_name(shard: int) -> str:
 def _load_journal(staging: Path, fingerprint: str) -> list[dict[str, Any]]:
     """The interrupted run's finished shards (one record each, in order), every one re-checked
     by its checksums; stops at the first missing, unreadable or damaged shard."""
-    from fastsiam.data.shards import ShardEntry, file_sha256
+    from fastsiam.data.shards import ShardEntry
+    from fastsiam.io import file_sha256
 
     records: list[dict[str, Any]] = []
     while (path := staging / _record_name(len(records))).exists():
@@ -398,7 +399,8 @@ def verify(out: str | os.PathLike[str], items: list[Item], *, samples: int = 64,
 
     import numpy as np
 
-    from fastsiam.data.shards import file_sha256, read_index, read_manifest
+    from fastsiam.data.shards import read_index, read_manifest
+    from fastsiam.io import file_sha256
 
     out = Path(out)
     manifest = read_manifest(out)

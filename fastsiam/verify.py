@@ -37,10 +37,10 @@ from fastsiam.data.shards import (
     MANIFEST_NAME,
     ShardEntry,
     ShardFormatError,
-    file_sha256,
     read_index_and_sha256,
     read_manifest,
 )
+from fastsiam.io import file_sha256
 
 
 @dataclass

@@ -26,7 +26,7 @@ API::
     ShardWriter(tar_path, index_path)           .add(key, {ext: bytes}); .close() -> ShardEntry
     ShardReader(dir)                            len(r), r.labels, r.classes, r.read(i) -> (bytes, label)
                                                 r.describe(i): "<tar> sample <key> (index i)"
-    read_member(path, offset, size) -> bytes    file_sha256(path) -> str
+    read_member(path, offset, size) -> bytes
 
 Only the standard library and numpy are used: the GPU machines have no webdataset or DALI.
 """
@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 
-from fastsiam.io import file_sha256
 
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
@@ -66,7 +65,6 @@ __all__ = [
     "ShardFormatError",
     "ShardReader",
     "ShardWriter",
-    "file_sha256",
     "format_index",
     "open_shard_folder",
     "parse_index",
@@ -524,15 +522,6 @@ class ShardReader:
 
     def shard_of(self, i: int) -> int:
         return int(self._shard[i])
-
-    def verify_checksums(self) -> None:
-        """Recompute every tar's and index's sha256; raise on the first mismatch."""
-        for entry in self.manifest.shards:
-            for name, expected in ((entry.tar, entry.sha256), (entry.index, entry.index_sha256)):
-                got = file_sha256(self.root / name)
-                if got != expected:
-                    raise ShardFormatError(f"{self.root / name}: sha256 {got[:16]}... does not "
-                                           f"match the manifest's {expected[:16]}...")
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked: descriptors are shared with the parent; reopen
