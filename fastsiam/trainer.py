@@ -452,8 +452,13 @@ class Trainer:
                     self._resume_from(*found)
                 elif existing:
                     raise TrainingError(f"work dir {wd}: no readable checkpoint to resume from")
-            else:
-                self._resume_from(Path(self.resume), ckpt.load_checkpoint(self.resume))
+            else:  # find_resumable checked its candidates; a named file is checked here
+                state = ckpt.load_checkpoint(self.resume)
+                try:
+                    check_resumable(state, self.resume)
+                except WeightsError as e:
+                    raise TrainingError(str(e)) from None
+                self._resume_from(Path(self.resume), state)
         if self.epoch >= self.cfg.train.epochs:
             raise TrainingError(f"work dir {wd} already holds a finished run ({self.epoch} of "
                                 f"{self.cfg.train.epochs} epochs); raise train.epochs (with --resume-changed) "
@@ -470,11 +475,8 @@ class Trainer:
         dist.barrier(self.dist)
 
     def _resume_from(self, path: Path, state: dict[str, Any]) -> None:
-        """Load ``state`` unless this run's config changes its trajectory (fastsiam.resume)."""
-        try:
-            check_resumable(state, path)
-        except WeightsError as e:
-            raise TrainingError(str(e)) from None
+        """Load ``state`` (a checkpoint :func:`~fastsiam.weights.check_resumable` accepted)
+        unless this run's config changes its trajectory (fastsiam.resume)."""
         saved = state.get("config")
         if isinstance(saved, dict):
             trajectory, _ = config_changes(saved, self.cfg.to_dict())
