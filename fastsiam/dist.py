@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -87,8 +88,32 @@ def init_distributed(backend: str, device: torch.device, *, capture: bool = Fals
                         NCCL_ASYNC_ERROR_HANDLING, previous)
         os.environ[NCCL_ASYNC_ERROR_HANDLING] = "0"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                      **_attempt_store())
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _attempt_store() -> dict[str, Any]:
+    """``store``/``rank``/``world_size`` for ``init_process_group`` when torchrun restarts workers.
+
+    Since torch 2.4 torchrun's c10d rendezvous shares its TCP store with the workers
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and the store outlives a restart: the process
+    group of the next attempt finds the previous attempt's addresses under the same keys and
+    connects to dead workers (gloo: connection refused or a hang; NCCL: a stale unique id),
+    pytorch/pytorch#135712. Prefixing the keys by the attempt (``TORCHELASTIC_RESTART_COUNT``)
+    gives every attempt fresh ones. The count is the same on every rank of one torchrun
+    agent; with several nodes, an agent that restarts its workers for a membership change
+    does not count it, so multi-node launchers also set ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    (scripts/slurm_train.sh does), which gives every rendezvous round a store of its own.
+    Empty (torch's default ``env://`` setup) when the store is not the agent's.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
+        return {}
+    world_size = int(env["WORLD_SIZE"])
+    store = torch_dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False)
+    attempt = f"fastsiam/{env.get('TORCHELASTIC_RUN_ID', 'run')}/attempt_{env['TORCHELASTIC_RESTART_COUNT']}/"
+    return {"store": torch_dist.PrefixStore(attempt, store), "rank": int(env["RANK"]), "world_size": world_size}
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, *, capture: bool = False) -> nn.Module:
