@@ -39,7 +39,11 @@ Design choices:
   passes above are what eager mode needs: 2 x 256 views at 224 px, bf16 out, count 103
   kernels and 11.1 GB (``benchmarks/augment.py --count``, fake CUDA; the blend formulation
   with selects counted 169 and 31.3 GB), of which the hue rotation is 4.3 GB and the jitter
-  slots 4.9. ``compile=True`` hands the ops (not the random draws) to ``torch.compile``,
+  slots 4.9. That is close to what separate eager kernels can do while staying exact: each
+  of the six jitter slots needs its GEMM (read and write the batch), its clamp (torchvision
+  clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma
+  (one read), five passes of 154 MB each at fp16, 4.6 GB in all before the hue and the blur;
+  going lower means one fused per-pixel kernel for the whole jitter. ``compile=True`` hands the ops (not the random draws) to ``torch.compile``,
   which fuses the elementwise chains; benchmarks/augment.py measures both.
 - CUDA graphs. Random numbers come from ``torch.rand`` on the device (the given generator, or
   the device's default one, which a captured graph advances on every replay); no value is
