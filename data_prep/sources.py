@@ -456,6 +456,16 @@ def list_file_list(file_list: str | os.PathLike[str], *, root: str | os.PathLike
 # ----------------------------------------------------------------------------- command line
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where X tells the reader something: not after flags (False)
+    or options whose absence means "not used" (None), nor where the help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The input options both converters share."""
     g = parser.add_argument_group("input")

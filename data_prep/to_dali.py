@@ -56,6 +56,7 @@ from data_prep.sources import (
     BadFileError,
     BadImage,
     ConversionError,
+    DefaultsHelpFormatter,
     Item,
     Skipped,
     Source,
@@ -513,7 +514,7 @@ def parse_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="to_dali.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         epilog="Readers: DALI fn.readers.webdataset(paths=manifest.tar_paths(out), index_paths="
                "manifest.index_paths(out), ext=['jpg','cls']); fastsiam.data.shards.ShardReader; "
                "the webdataset package; tarfile.")

@@ -59,6 +59,7 @@ from data_prep.sources import (
     BadFileError,
     BadImage,
     ConversionError,
+    DefaultsHelpFormatter,
     Item,
     Skipped,
     Source,
@@ -541,8 +542,8 @@ def verify(out: str | os.PathLike[str], items: list[Item], *, max_resolution: in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="to_ffcv.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Defaults are ffcv-imagenet's ResNet-50 settings (max resolution 500, 50%% "
+        formatter_class=DefaultsHelpFormatter,
+        epilog="Defaults are ffcv-imagenet's ResNet-50 settings (max resolution 500, 50% "
                "JPEG at quality 90). Smaller --max-resolution and more JPEG shrink the file "
                "(raw pixels are ~10x a q90 JPEG) at the cost of softer small crops and a JPEG "
                "decode per view in the loader.")

@@ -346,3 +346,12 @@ def test_limit_keeps_the_first_images_of_each_class(toy_imagenet, tmp_path):
         with Image.open(path) as im:
             if (im.format, im.mode) == ("JPEG", "RGB"):
                 assert reader.read(i)[0] == Path(path).read_bytes()
+
+
+def test_help_states_each_default_once() -> None:
+    # --shard-size's default depends on --shard-bytes, so argparse must not add "(default: None)"
+    out = subprocess.run([sys.executable, "data_prep/to_dali.py", "--help"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    flat = " ".join(out.split())
+    assert "samples per shard (default 2000) --shard-bytes" in flat
+    assert "(default: None)" not in flat

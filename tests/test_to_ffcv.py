@@ -205,3 +205,9 @@ def test_bad_arguments_are_one_line_errors(args, message, toy_imagenet, tmp_path
     rc, _, err = run(*args)
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "o.beton").exists()
+
+
+def test_help_epilog_prints_percent_once() -> None:
+    out = subprocess.run([sys.executable, "data_prep/to_ffcv.py", "--help"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    assert "50% JPEG" in " ".join(out.split()) and "%%" not in out
