@@ -34,7 +34,7 @@ from fastsiam import checkpoint as ckpt
 from fastsiam import dist
 from fastsiam.augment import SimSiamAugment
 from fastsiam.config import Config
-from fastsiam.data import build_loader_from_config
+from fastsiam.data import build_loader_from_config, makes_data_up
 from fastsiam.io import LockedError, atomic_open, exclusive_lock, remove_partials
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
@@ -137,6 +137,10 @@ class Trainer:
             rank=self.dist.rank, world_size=self.dist.world_size,
         )
         self.steps_per_epoch = len(self.loader)
+        # The kNN monitor finds classes by their labels; made-up data has none to find.
+        self.knn_every = 0 if makes_data_up(cfg.data.backend) else cfg.eval.knn_every
+        if cfg.eval.knn_every and not self.knn_every and self.dist.is_main:
+            log.info("eval.knn_every: no kNN monitor on the %s backend's random labels", cfg.data.backend)
         self.model = SimSiam(cfg.model.backbone, cfg.model.dim, cfg.model.pred_dim, cfg.model.small_input)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=memory_format)
@@ -269,7 +273,7 @@ class Trainer:
             log.info("training %s on %s: %d x %d images/step, peak lr %.4g, %d steps/epoch, work dir %s",
                      cfg.model.backbone, self.device, self.dist.world_size, cfg.data.batch_size,
                      self.peak_lr, self.steps_per_epoch, self.work_dir)
-        if cfg.eval.knn_every and self.step == 0:
+        if self.knn_every and self.step == 0:
             result.knn_random_init = self._knn("random init")
 
         bar = progress(total_steps * self.global_batch, self.step * self.global_batch, "train", self.dist.is_main)
@@ -299,7 +303,7 @@ class Trainer:
         self.epoch += 1
         self.loader.set_epoch(self.epoch)
         metric = -epoch_loss  # higher is better; kNN top-1 replaces it when monitored
-        every = cfg.eval.knn_every
+        every = self.knn_every
         if every and (self.epoch % every == 0 or self.epoch == cfg.train.epochs):
             result.knn = self._knn(f"epoch {self.epoch}")
             metric = result.knn.get("top1", metric)

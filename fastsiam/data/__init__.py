@@ -26,7 +26,7 @@ from fastsiam.data.sampler import EpochSampler
 
 __all__ = [
     "CorruptDataError", "EpochSampler", "EvalBatch", "Loader", "TwoViewBatch", "available_backends",
-    "build_loader", "build_loader_from_config", "register_backend",
+    "build_loader", "build_loader_from_config", "makes_data_up", "register_backend",
 ]
 
 
@@ -35,7 +35,7 @@ class Backend:
     module: str            # implements build(path, **kwargs)
     needs: str | None      # the optional library it imports, for the install hint
     install: str | None    # how to get it
-    needs_path: bool = True  # False: the backend makes its data up (synthetic)
+    made_up: bool = False  # the backend makes its data up: no path, no classes to find (synthetic)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -43,18 +43,24 @@ _BACKENDS: dict[str, Backend] = {}
 
 def register_backend(
     name: str, module: str, needs: str | None = None, install: str | None = None,
-    needs_path: bool = True,
+    made_up: bool = False,
 ) -> None:
     """Make ``module`` (which defines ``build``) available as backend ``name``."""
-    _BACKENDS[name] = Backend(module, needs, install, needs_path)
+    _BACKENDS[name] = Backend(module, needs, install, made_up)
 
 
 def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
+def makes_data_up(backend: str) -> bool:
+    """Whether ``backend`` generates its samples (random pixels and labels, for benchmarks)."""
+    spec = _BACKENDS.get(backend)
+    return spec is not None and spec.made_up
+
+
 register_backend("pil", "fastsiam.data.pil_loader")
-register_backend("synthetic", "fastsiam.data.synthetic", needs_path=False)
+register_backend("synthetic", "fastsiam.data.synthetic", made_up=True)
 register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader")
 register_backend("ffcv", "fastsiam.data.ffcv_loader", needs="ffcv",
                  install="pip install 'fastsiam[ffcv]' (needs apt packages pkg-config libopencv-dev libturbojpeg0-dev)")
@@ -107,7 +113,7 @@ def build_loader(
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
     spec = _BACKENDS[backend]
-    if spec.needs_path and not Path(path).exists():
+    if not spec.made_up and not Path(path).exists():
         raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
     try:
         module = importlib.import_module(spec.module)
@@ -132,7 +138,7 @@ def build_loader_from_config(
     if path is None:
         path = data_cfg.train_path if split == "train" else data_cfg.val_path
     spec = _BACKENDS.get(data_cfg.backend)
-    if not path and (spec is None or spec.needs_path):
+    if not path and (spec is None or not spec.made_up):
         key = "data.train_path" if split == "train" else "data.val_path"
         raise ValueError(f"config key '{key}' is empty: set it to the dataset for the {data_cfg.backend} backend")
     return build_loader(

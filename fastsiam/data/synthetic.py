@@ -20,7 +20,9 @@ from fastsiam.data.crops import derive_seed
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 
-IMAGENET_TRAIN_SIZE = 1_281_167
+# An epoch of a few hundred steps: made-up data has no size of its own, and a step benchmark
+# wants epochs (schedules, sampler restarts) to come round, not ImageNet's 1.28 M samples.
+DEFAULT_NUM_SAMPLES = 10_240
 
 
 class SyntheticLoader(Loader):
@@ -87,14 +89,14 @@ def build(
     world_size: int,
     drop_last: bool,
     on_corrupt: str,
-    num_samples: int = IMAGENET_TRAIN_SIZE,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     num_classes: int = 1000,
 ) -> SyntheticLoader:
     """Build the synthetic loader (``path``, ``scale``, ``ratio``, ``workers`` and
     ``on_corrupt`` are unused: made-up data is never damaged).
 
     Options:
-        num_samples: the epoch's length (ImageNet-1k train by default).
+        num_samples: the epoch's length.
         num_classes: the label range.
     """
     if num_samples < 1 or num_classes < 1:
