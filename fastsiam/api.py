@@ -27,7 +27,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from fastsiam.classifier import LinearClassifier
-from fastsiam.config import Config, from_dict, load_config
+from fastsiam.config import TASKS, Config, from_dict, load_config
 from fastsiam.dist import resolve_device
 from fastsiam.imageio import to_rgb
 from fastsiam.model import SimSiam
@@ -40,16 +40,14 @@ from fastsiam.weights import (
     read_weights,
 )
 
-TASKS = ("pretrain", "linear")
 PARTS = {"pretrain": ("backbone", "projector", "predictor"), "linear": ("backbone", "fc")}
 
 
 @dataclass(frozen=True)
 class ModelCard:
-    """One entry of the model card: its config, task and the published reference."""
+    """One entry of the model card: its config (which says the task) and the published reference."""
 
     config: str
-    task: str
     weights_url: str | None = None  # where mmpretrain publishes weights (never fetched here)
     top1: float | None = None       # published linear top-1 on ImageNet-1k val
 
@@ -57,17 +55,17 @@ class ModelCard:
 _MM = "https://download.openmmlab.com/mmselfsup/1.x/simsiam/"
 MODELS: dict[str, ModelCard] = {
     "simsiam_resnet50_8xb32-coslr-100e_in1k": ModelCard(
-        "simsiam_resnet50_8xb32-coslr-100e_in1k.yaml", "pretrain",
+        "simsiam_resnet50_8xb32-coslr-100e_in1k.yaml",
         _MM + "simsiam_resnet50_8xb32-coslr-100e_in1k/simsiam_resnet50_8xb32-coslr-100e_in1k_20220825-d07cb2e6.pth"),
     "simsiam_resnet50_8xb32-coslr-200e_in1k": ModelCard(
-        "simsiam_resnet50_8xb32-coslr-200e_in1k.yaml", "pretrain",
+        "simsiam_resnet50_8xb32-coslr-200e_in1k.yaml",
         _MM + "simsiam_resnet50_8xb32-coslr-200e_in1k/simsiam_resnet50_8xb32-coslr-200e_in1k_20220825-efe91299.pth"),
     "resnet50_simsiam-100e-pre_8xb512-linear-coslr-90e_in1k": ModelCard(
-        "resnet50_simsiam-100e-pre_8xb512-linear-coslr-90e_in1k.yaml", "linear",
+        "resnet50_simsiam-100e-pre_8xb512-linear-coslr-90e_in1k.yaml",
         _MM + "simsiam_resnet50_8xb32-coslr-100e_in1k/resnet50_linear-8xb512-coslr-90e_in1k/"
         "resnet50_linear-8xb512-coslr-90e_in1k_20220825-f53ba400.pth", top1=68.3),
     "resnet50_simsiam-200e-pre_8xb512-linear-coslr-90e_in1k": ModelCard(
-        "resnet50_simsiam-200e-pre_8xb512-linear-coslr-90e_in1k.yaml", "linear",
+        "resnet50_simsiam-200e-pre_8xb512-linear-coslr-90e_in1k.yaml",
         _MM + "simsiam_resnet50_8xb32-coslr-200e_in1k/resnet50_linear-8xb512-coslr-90e_in1k/"
         "resnet50_linear-8xb512-coslr-90e_in1k_20220825-519b5135.pth", top1=69.8),
 }
@@ -99,25 +97,25 @@ def list_models(pattern: str | None = None) -> list[str]:
 def resolve(name_or_config: str | Path | Config, task: str | None = None) -> tuple[Config, str, str]:
     """``(config, task, name)`` for a model-card name, a YAML config path or a :class:`Config`.
 
-    A config's task is ``linear`` when its name says so (mmpretrain's naming: ``...-linear-...``),
-    else ``pretrain``; pass ``task`` to decide explicitly.
+    The task is the config's ``task`` key unless ``task`` is given.
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if isinstance(name_or_config, Config):
         cfg = name_or_config
-        return cfg, task or _task_from_name(cfg.name), cfg.name
+        return cfg, task or cfg.task, cfg.name
     text = str(name_or_config)
     if text in MODELS:
         card = MODELS[text]
         path = config_dir() / card.config
         if not path.is_file():
             raise FileNotFoundError(f"model {text}: its config {path} is missing from this installation")
-        return load_config(path), task or card.task, text
+        cfg = load_config(path)
+        return cfg, task or cfg.task, text
     path = Path(text)
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(path)
-        return cfg, task or _task_from_name(cfg.name), cfg.name
+        return cfg, task or cfg.task, cfg.name
     import difflib
 
     close = difflib.get_close_matches(text, list(MODELS), n=1, cutoff=0.4)
@@ -125,16 +123,15 @@ def resolve(name_or_config: str | Path | Config, task: str | None = None) -> tup
     raise ValueError(f"{text!r} is neither a model name nor a .yaml config{hint}")
 
 
-def _task_from_name(name: str) -> str:
-    return "linear" if "linear" in name else "pretrain"
-
-
 def build_model(cfg: Config, task: str) -> nn.Module:
     """A randomly initialised model for ``task``: :class:`SimSiamModel` or
     :class:`fastsiam.classifier.LinearClassifier`."""
     m = cfg.model
     if task == "linear":
-        return LinearClassifier.from_config(m)
+        if m.num_classes is None:
+            raise ValueError(f"{cfg.name}: model.num_classes is null (taken from the data by fastsiam linear); "
+                             f"set it, or build the model from the linear run's checkpoint")
+        return LinearClassifier(m.backbone, m.num_classes, m.small_input)
     if task == "pretrain":
         return SimSiamModel(m.backbone, m.dim, m.pred_dim, m.small_input)
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -155,7 +152,7 @@ def get_model(
             weight of the model must be in it (missing or unexpected keys are an error).
             ``True`` without a file is an error that says where to get one.
         device: where to put the model: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
-        task: ``pretrain`` or ``linear`` when a config's name does not say.
+        task: ``pretrain`` or ``linear`` instead of the config's ``task``.
 
     The model gets two attributes for :func:`inference_model`: ``cfg`` (its :class:`Config`)
     and ``classes`` (class names from the checkpoint, or ``None``).
@@ -181,6 +178,9 @@ def get_model(
         obj = obj if obj is not None else read_weights(pretrained)
         load_parts(model, canonical_state_dict(obj, str(pretrained)), PARTS[task], str(pretrained))
         classes = classes_of(obj)
+        if classes is not None and isinstance(model, LinearClassifier) and len(classes) != model.num_classes:
+            raise ValueError(f"{pretrained}: names {len(classes)} classes but its head has {model.num_classes} "
+                             f"outputs; it was trained with a wrong model.num_classes, retrain it")
     model.cfg = cfg
     model.classes = classes
     return model.to(resolve_device(str(device), key="device") if device is not None else torch.device("cpu")).eval()

@@ -7,8 +7,6 @@ N(0, 0.01) with zero bias; the backbone stays in eval mode.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from fastsiam.model import build_backbone
@@ -34,11 +32,6 @@ class LinearClassifier(nn.Module):
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.reset_head()
-
-    @classmethod
-    def from_config(cls, model_cfg: Any) -> LinearClassifier:
-        """Build from the config's ``model`` section (backbone, num_classes, small_input)."""
-        return cls(model_cfg.backbone, model_cfg.num_classes, model_cfg.small_input)
 
     def reset_head(self) -> None:
         """The linear-evaluation init: weight N(0, 0.01), bias 0."""

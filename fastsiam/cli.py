@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,10 +23,14 @@ log = logging.getLogger("fastsiam")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
+    # Overrides are not an argparse positional: a ``nargs="*"`` positional takes only the first
+    # run of them, so ``X a=1 --device cpu b=2`` would fail. main() collects them from the
+    # unparsed arguments instead, anywhere on the line and in order.
+    p.usage = "%(prog)s --config CONFIG [options] [section.key=value ...]"
+    p.set_defaults(overrides=[])
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--device", help="cpu | cuda | cuda:N | auto (overrides train.device)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
@@ -74,6 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     if args.print_config:
         return _print_config_and_exit(cfg)
+    if cfg.task != "pretrain":
+        raise ConfigError(f"{args.config}: task is {cfg.task!r}, a linear-evaluation config; "
+                          f"run it with fastsiam linear (fastsiam train pretrains)")
 
     from fastsiam.trainer import Trainer, default_work_dir
 
@@ -143,8 +151,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from fastsiam.flops import model_info
 
     info = model_info(args.name, image_size=args.image_size)
-    print(f"{info['name']}: {info['params_m']:.2f} M params, {info['gflops']:.2f} GFLOPs "
-          f"(multiply-accumulates per {args.image_size} px image)")
+    print(f"{info['name']}: {info['params_m']:.2f} M params, {info['gflops']:.3g} GFLOPs "
+          f"(multiply-accumulates per {info['image_size']} px image)")
     return 0
 
 
@@ -164,9 +172,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fastsiam.weights import export_torchvision
 
-    out = export_torchvision(args.checkpoint, args.out)
+    out, arch = export_torchvision(args.checkpoint, args.out)
     print(f"wrote a torchvision ResNet state dict to {out} "
-          "(torchvision.models.resnet50().load_state_dict(torch.load(path)); strict=False without fc)")
+          f"(torchvision.models.{arch}().load_state_dict(torch.load(path)); strict=False without fc)")
     return 0
 
 
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters and FLOPs of a model name or config")
     p.add_argument("name", help="a model name (fastsiam.list_models()) or a config file")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, help="side of the input (default: the config's data.image_size)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("predict", help="classify an image with a linear model")
@@ -254,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     for p in dict.fromkeys(sub.choices.values()):  # also after the command; SUPPRESS keeps a global --debug
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        p.set_defaults(command_parser=p)
     return parser
 
 
@@ -274,9 +283,24 @@ def _one_line(e: BaseException) -> str:
     return lines[0] + (" (details: --debug)" if len(lines) > 1 else "")
 
 
+def _take_overrides(args: argparse.Namespace, unparsed: list[str], parser: argparse.ArgumentParser) -> None:
+    """Append the ``section.key=value`` words among ``unparsed`` to ``args.overrides`` (a
+    command with ``--config``); anything else is an unrecognized argument, as argparse says."""
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    bad = [w for w in unparsed if not (takes_overrides and _OVERRIDE.match(w))]
+    if bad:
+        (getattr(args, "command_parser", None) or parser).error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides.extend(unparsed)
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unparsed = parser.parse_known_args(argv)
+    if unparsed:
+        _take_overrides(args, unparsed, parser)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.help_config:
         print(describe())

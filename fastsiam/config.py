@@ -47,6 +47,9 @@ def _f(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> An
     return field(default=default, metadata=meta)
 
 
+TASKS = ("pretrain", "linear")
+
+
 @dataclass
 class DataConfig:
     backend: str = _f("pil", help="loader backend: pil | ffcv | dali | nvjpeg | synthetic")
@@ -89,7 +92,8 @@ class ModelConfig:
     pred_dim: int = _f(512, min=1, help="predictor hidden dimension")
     small_input: bool = _f(False, help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
     sync_bn: bool = _f(True, help="SyncBatchNorm under DDP, as the official recipe")
-    num_classes: int = _f(1000, min=1, help="classes of the linear classifier (linear eval)")
+    num_classes: int | None = _f(None, min=1, help="outputs of the linear classifier (linear eval); "
+                                 "null: the training data's class count")
 
 
 @dataclass
@@ -147,7 +151,7 @@ class DistConfig:
 
 @dataclass
 class OutputConfig:
-    work_dir: str | None = _f(None, help="default: work_dirs/<config file stem>")
+    work_dir: str | None = _f(None, help="default: work_dirs/<config file stem>; not inherited through _base_")
     keep_last: int = _f(3, min=1, help="checkpoints kept besides the best")
     tensorboard: bool = _f(False)
 
@@ -164,6 +168,9 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     name: str = _f("fastsiam", help="run name; set from the config file's stem when loaded")
+    task: str = _f("pretrain", choices=list(TASKS),
+                   help="the model the config describes: pretrain (SimSiam, fastsiam train) or linear "
+                        "(a classifier on a frozen backbone, fastsiam linear); get_model and predict build it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,7 +237,11 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for base in bases:
         merged = _merge(merged, _read_with_bases(path.parent / base, chain=(*chain, resolved)))
-    merged.pop("name", None)  # a run is named after the file the user gave, not its bases
+    # A run is named after the file the user gave, and lives in its own work dir: a config
+    # built on another must not write into (and lock) its base's runs.
+    merged.pop("name", None)
+    if isinstance(merged.get("output"), dict):
+        merged["output"].pop("work_dir", None)
     return _merge(merged, data)
 
 

@@ -385,11 +385,14 @@ def run_linear(
     torch.manual_seed(cfg.train.seed)
     train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
     val_loader = build_loader_from_config(cfg.data, split="val", device=dev)  # the score is the point
-    model = _classifier_for(cfg, train_loader)
+    model = _classifier_for(cfg, train_loader, cfg.data.train_path, exact=True)
     load_pretrained(model, pretrained, parts=("backbone",))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-    resolved = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "pretrained": str(pretrained)}},
-                         source=cfg.name)
+    raw = cfg.to_dict()
+    raw["task"] = "linear"  # what the run's checkpoint holds, whichever config started it
+    raw["model"]["num_classes"] = model.num_classes
+    raw["eval"]["pretrained"] = str(pretrained)
+    resolved = from_dict(raw, source=cfg.name)
     wd.mkdir(parents=True, exist_ok=True)
     with atomic_open(wd / CONFIG_FILE, "w") as f:
         f.write(resolved.to_yaml())
@@ -416,7 +419,7 @@ def run_test(
     """
     dev = resolve_device(str(device or cfg.train.device))
     val_loader = build_loader_from_config(cfg.data, split="val", device=dev)
-    model = _classifier_for(cfg, val_loader)
+    model = _classifier_for(cfg, val_loader, str(cfg.data.val_path), exact=False)
     load_pretrained(model, checkpoint, parts=("backbone", "fc"))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
@@ -449,12 +452,20 @@ def run_knn(
                         show_progress=show_progress)
 
 
-def _classifier_for(cfg: Config, loader: Loader) -> LinearClassifier:
+def _classifier_for(cfg: Config, loader: Loader, data: str, exact: bool) -> LinearClassifier:
+    """The linear classifier for ``loader``'s data: ``model.num_classes`` outputs, or the data's
+    class count when that is null. ``exact``: the training split must have exactly as many
+    classes as the head (a val split may lack some)."""
     found = getattr(loader, "num_classes", None)
-    if found is not None and found > cfg.model.num_classes:
-        raise ValueError(f"the data has {found} classes but model.num_classes={cfg.model.num_classes}; "
-                         f"set model.num_classes={found}")
-    return LinearClassifier.from_config(cfg.model)
+    n = cfg.model.num_classes
+    if n is None:
+        if found is None:
+            raise ValueError(f"{data}: the loader does not know its class count; set model.num_classes")
+        n = found
+    elif found is not None and (found != n if exact else found > n):
+        raise ValueError(f"{data} has {found} classes but model.num_classes={n}; set model.num_classes={found} "
+                         f"(or null: the data's count)")
+    return LinearClassifier(cfg.model.backbone, n, cfg.model.small_input)
 
 
 def _single_process(what: str) -> None:

@@ -67,16 +67,18 @@ def count_flops(module: nn.Module, *inputs: Tensor, forward: Any = None) -> int:
     return total
 
 
-def model_info(name_or_config: Any, image_size: int = 224) -> dict[str, Any]:
+def model_info(name_or_config: Any, image_size: int | None = None) -> dict[str, Any]:
     """Parameters and FLOPs of a model-card name, a config file or a :class:`Config`.
 
     Returns ``{"name", "task", "params", "params_m", "flops", "gflops", "image_size"}``:
     ``params_m`` in millions, ``gflops`` in 10^9 multiply-accumulates per ``image_size`` px
     image of ``extract_feat`` (mmpretrain's convention, see the module docstring).
+    ``image_size`` defaults to the config's ``data.image_size``, the views it trains on.
     """
     from fastsiam.api import build_model, resolve
 
     cfg, task, name = resolve(name_or_config)
+    image_size = image_size or cfg.data.image_size
     model = build_model(cfg, task)
     x = torch.zeros(1, 3, image_size, image_size)
     flops = count_flops(model, x, forward=model.extract_feat)

@@ -317,17 +317,36 @@ def torchvision_state_dict(canonical: Mapping[str, Tensor]) -> dict[str, Tensor]
     return {k: v.detach().cpu().clone() for k, v in out.items()}
 
 
-def export_torchvision(source: nn.Module | str | Path, out: str | Path) -> Path:
-    """Write a torchvision-compatible ResNet state dict from a model or any recognised file."""
+def export_torchvision(source: nn.Module | str | Path, out: str | Path) -> tuple[Path, str]:
+    """Write a torchvision-compatible ResNet state dict from a model or any recognised file.
+
+    Returns the file and the torchvision constructor that loads it (``resnet18``...)."""
     if isinstance(source, nn.Module):
         canonical = dict(source.state_dict())
     else:
         canonical = canonical_state_dict(read_weights(source), str(source))
     sd = torchvision_state_dict(canonical)
+    arch = torchvision_arch(sd)
     out = Path(out)
     with atomic_path(out) as tmp:
         torch.save(sd, tmp)
-    return out
+    return out, arch
+
+
+# (bottleneck blocks?, blocks in layer3) -> torchvision constructor
+_ARCHS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101",
+          (True, 36): "resnet152"}
+
+
+def torchvision_arch(sd: Mapping[str, Tensor]) -> str:
+    """The torchvision ResNet whose layout ``sd`` has, from its block type and depth."""
+    bottleneck = "layer1.0.conv3.weight" in sd
+    blocks = len({k.split(".")[1] for k in sd if k.startswith("layer3.")})
+    arch = _ARCHS.get((bottleneck, blocks))
+    if arch is None:
+        raise ValueError(f"not a torchvision ResNet layout ({'bottleneck' if bottleneck else 'basic'} blocks, "
+                         f"{blocks} in layer3)")
+    return arch
 
 
 def save_linear_checkpoint(

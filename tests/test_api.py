@@ -53,9 +53,9 @@ def test_info_prints_the_model_card_figures(name, capsys):
     assert f"{params_m:.2f} M params" in out and f"{gflops:.2f} GFLOPs" in out
 
 
-def _write_cfg(tmp_path, name: str, num_classes: int = 3):
+def _write_cfg(tmp_path, name: str, task: str = "pretrain", num_classes: int = 3):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(f"model: {{backbone: resnet18, num_classes: {num_classes}, dim: 32, pred_dim: 8}}\n"
+    path.write_text(f"task: {task}\nmodel: {{backbone: resnet18, num_classes: {num_classes}, dim: 32, pred_dim: 8}}\n"
                     "data: {image_size: 32}\n")
     return path
 
@@ -82,7 +82,7 @@ def test_get_model_loads_weights_and_lists_missing_keys(tmp_path):
         p.data.normal_(0, 0.05)
     ckpt = save_linear_checkpoint(tmp_path / "last.pt", src, config={}, classes=["ant", "bee", "cat"],
                                   top1=None, top5=None, epoch=1)
-    cfg = _write_cfg(tmp_path, "resnet18_toy-linear")
+    cfg = _write_cfg(tmp_path, "resnet18_toy", "linear")
     clf = get_model(cfg, pretrained=ckpt)
     assert clf.classes == ["ant", "bee", "cat"]
     x = torch.randn(2, 3, 32, 32)
@@ -100,7 +100,7 @@ def test_inference_model_matches_a_manual_forward(tmp_path):
     src = LinearClassifier("resnet18", num_classes=3)
     for p in src.parameters():
         p.data.normal_(0, 0.05)
-    cfg_path = _write_cfg(tmp_path, "resnet18_toy-linear")
+    cfg_path = _write_cfg(tmp_path, "resnet18_toy", "linear")
     ckpt = save_linear_checkpoint(tmp_path / "last.pt", src, config=load_config(cfg_path).to_dict(),
                                   classes=["ant", "bee", "cat"], top1=None, top5=None, epoch=1)
     rgb = np.random.default_rng(0).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision import models
 
@@ -29,7 +31,7 @@ def test_export_gives_a_torchvision_resnet(tmp_path: Path, capsys: pytest.Captur
     torch.save({"model": model.state_dict(), "config": load_config(None).to_dict(), "epoch": 1}, ckpt)
     out = tmp_path / "resnet18.pt"
     assert main(["export", str(ckpt), str(out)]) == 0
-    assert "torchvision ResNet state dict" in capsys.readouterr().out
+    assert "torchvision.models.resnet18()" in capsys.readouterr().out  # the constructor that loads it
     tv = models.resnet18(weights=None)
     missing, unexpected = tv.load_state_dict(torch.load(out, weights_only=True), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
@@ -64,3 +66,102 @@ def test_python_dash_m_entry_point() -> None:
     assert out.returncode == 0
     for cmd in ("train", "knn", "linear", "test", "info", "predict", "export", "plot"):
         assert cmd in out.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# the CLI as a user meets it: real subprocesses
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "simsiam_resnet18_toy-demo.yaml"
+LINEAR_IN1K = REPO / "configs" / "resnet50_simsiam-100e-pre_8xb512-linear-coslr-90e_in1k.yaml"
+
+
+def fastsiam(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastsiam", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], command: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"fastsiam {command}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    return proc.stderr
+
+
+def test_overrides_and_options_mix_in_any_order() -> None:
+    proc = fastsiam("train", "--config", str(DEMO), "data.batch_size=8", "--device", "cpu", "train.epochs=3",
+                    "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert (cfg["data"]["batch_size"], cfg["train"]["device"], cfg["train"]["epochs"]) == (8, "cpu", 3)
+    bad = fastsiam("train", "--config", str(DEMO), "data.batch_size=8", "--bogus")
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    # A command without --config takes no overrides.
+    bad = fastsiam("plot", "work_dirs/x", "data.batch_size=8")
+    assert bad.returncode == 2 and "unrecognized arguments: data.batch_size=8" in bad.stderr
+
+
+def test_info_counts_flops_at_the_configs_image_size() -> None:
+    proc = fastsiam("info", str(DEMO))
+    assert proc.returncode == 0, proc.stderr
+    assert "per 32 px image" in proc.stdout  # the demo trains on 32 px views
+    ref = fastsiam("info", str(DEMO), "--image-size", "224")
+    gflops = [float(p.stdout.split(" GFLOPs")[0].rsplit(" ", 1)[1]) for p in (proc, ref)]
+    # A ResNet's convolutions scale with the pixel count: (32 / 224)^2 of the 224 px figure.
+    assert gflops[0] == pytest.approx(gflops[1] * (32 / 224) ** 2, rel=0.05)
+
+
+def test_a_config_built_on_the_demo_gets_its_own_work_dir(tmp_path: Path) -> None:
+    child = tmp_path / "my_variant.yaml"
+    child.write_text(f"_base_: {DEMO}\ntrain:\n  epochs: 2\n")
+    cfg = yaml.safe_load(fastsiam("train", "--config", str(child), "--print-config").stdout)
+    assert cfg["name"] == "my_variant" and cfg["output"]["work_dir"] is None  # -> work_dirs/my_variant
+    assert yaml.safe_load(fastsiam("train", "--config", str(DEMO), "--print-config").stdout)["output"][
+        "work_dir"] == "work_dirs/toy_demo"
+
+
+def test_train_refuses_a_linear_config() -> None:
+    assert "run it with fastsiam linear" in one_line_error(fastsiam("train", "--config", str(LINEAR_IN1K)), "train")
+
+
+@pytest.fixture(scope="module")
+def toy_linear(toy_imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A random torchvision ResNet-18 to evaluate, and the overrides that fit the ImageNet linear
+    config to the toy data (4 classes) in a few seconds."""
+    root = tmp_path_factory.mktemp("toy_linear")
+    torch.manual_seed(0)
+    torch.save(models.resnet18().state_dict(), root / "resnet18.pth")
+    overrides = [f"data.train_path={toy_imagenet / 'train'}", f"data.val_path={toy_imagenet / 'val'}",
+                 "data.backend=pil", "data.options={augment: crop}", "data.batch_size=16", "data.workers=0",
+                 "data.image_size=32", "model.backbone=resnet18", "train.epochs=1", "train.amp=none",
+                 "train.device=cpu", "train.channels_last=false"]
+    return root, overrides
+
+
+def test_linear_takes_the_class_count_from_the_data_and_predict_names_the_class(
+        toy_linear: tuple[Path, list[str]], toy_imagenet: Path) -> None:
+    root, overrides = toy_linear
+    args = ["linear", "--config", str(LINEAR_IN1K), "--pretrained", str(root / "resnet18.pth"), *overrides]
+    # The ImageNet config's explicit 1000 classes on 4-class data: refused before training.
+    err = one_line_error(fastsiam(*args, "--work-dir", str(root / "refused")), "linear")
+    assert "has 4 classes but model.num_classes=1000" in err and not (root / "refused" / "last.pt").exists()
+    proc = fastsiam(*args, "model.num_classes=null", "--work-dir", str(root / "run"))
+    assert proc.returncode == 0, proc.stderr
+    image = sorted((toy_imagenet / "val").glob("*/*.JPEG"))[0]
+    classes = sorted(p.name for p in (toy_imagenet / "train").iterdir() if p.is_dir())
+    # The run's own config.yaml: no "linear" in its name, the task comes from its content.
+    for model in (root / "run" / "last.pt", root / "run" / "config.yaml"):
+        out = fastsiam("predict", str(model), str(image), "--pretrained", str(root / "run" / "last.pt"))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split(": ", 1)[1].split(" (label")[0] in classes, out.stdout
+
+
+def test_synthetic_backend_is_a_short_epoch_without_a_knn_monitor(tmp_path: Path) -> None:
+    in1k = REPO / "configs" / "simsiam_resnet50_8xb32-coslr-100e_in1k.yaml"  # kNN every 10 epochs
+    proc = fastsiam("train", "--config", str(in1k), "--backend", "synthetic", "--max-steps", "2",
+                    "--work-dir", str(tmp_path / "run"), "--device", "cpu", "model.backbone=resnet18",
+                    "data.image_size=32", "data.batch_size=8", "data.workers=0", "train.amp=none")
+    assert proc.returncode == 0, proc.stderr
+    assert "1280 steps/epoch" in proc.stderr  # 10,240 made-up samples / batch 8, not ImageNet's 1.28 M
+    assert "no kNN monitor on the synthetic backend's random labels" in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in records] == [None, "stopped"]  # one step record, no "knn" event

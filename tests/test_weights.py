@@ -22,6 +22,7 @@ from fastsiam.weights import (
     load_pretrained,
     read_weights,
     save_linear_checkpoint,
+    torchvision_arch,
 )
 
 DIM, PRED = 64, 16
@@ -83,7 +84,8 @@ def test_torchvision_state_dict_round_trip(tmp_path, tv_resnet):
     with torch.no_grad():
         torch.testing.assert_close(clf.extract_feat(x), _pooled(tv_resnet, x))
         torch.testing.assert_close(clf(x), tv_resnet(x))
-    out = export_torchvision(clf, tmp_path / "export.pt")
+    out, arch = export_torchvision(clf, tmp_path / "export.pt")
+    assert arch == "resnet18"
     fresh = torchvision.models.resnet18(num_classes=10)
     fresh.load_state_dict(torch.load(out, weights_only=True))  # strict: every key, nothing else
     with torch.no_grad():
@@ -183,7 +185,8 @@ def test_fastsiam_checkpoints_round_trip(tmp_path, tv_resnet):
     # Its backbone feeds a classifier; exported, it is a torchvision backbone with the same features.
     clf = LinearClassifier("resnet18", num_classes=10)
     load_pretrained(clf, path, parts=("backbone",))
-    out = export_torchvision(path, tmp_path / "backbone_tv.pt")
+    out, arch = export_torchvision(path, tmp_path / "backbone_tv.pt")
+    assert arch == "resnet18"
     tv = torchvision.models.resnet18()
     result = tv.load_state_dict(torch.load(out, weights_only=True), strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
@@ -260,3 +263,11 @@ def test_unreadable_files_name_the_file(tmp_path):
         pickle.dump({"a": 1}, f, protocol=2)
     with pytest.raises(WeightsError, match=r"plain\.pkl: "):
         canonical_state_dict(read_weights(tmp_path / "plain.pkl"), "plain.pkl")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_torchvision_arch_names_the_constructor_that_loads_the_layout(arch: str) -> None:
+    sd = getattr(torchvision.models, arch)().state_dict()
+    assert torchvision_arch(sd) == arch
+    with pytest.raises(ValueError, match="not a torchvision ResNet layout"):
+        torchvision_arch({k: v for k, v in sd.items() if not k.startswith("layer3.1.")})
