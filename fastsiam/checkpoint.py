@@ -8,8 +8,8 @@ truncated file under a checkpoint's name (a full disk or a read-only work dir is
 :class:`CheckpointError` saying that the previous checkpoint is intact).
 
 Naming in a work dir: ``epoch_0003.pt`` (end of an epoch), ``step_00001234.pt`` (a mid-epoch
-save: preemption or ``--max-steps``), ``best.pt`` (lowest training loss of an epoch),
-``debug_nonfinite.pt``. ``latest`` is the valid file with the largest global step.
+save: preemption or ``--max-steps``), ``best.pt`` (the epoch of the highest kNN top-1, only
+when the kNN monitor runs; a hard link to that epoch's file), ``debug_nonfinite.pt``. ``latest`` is the valid file with the largest global step.
 """
 
 from __future__ import annotations

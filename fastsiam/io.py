@@ -11,10 +11,12 @@ writer can be using the folder, which :func:`exclusive_lock` establishes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,21 @@ def _fsync_dir(directory: Path) -> None:
 
 class LockedError(RuntimeError):
     """Another live process holds the lock (the message names it and its PID)."""
+
+
+def atomic_link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Make ``dst`` a hard link to ``src`` (replacing ``dst`` atomically), so a second name for
+    the same bytes costs no disk; where the filesystem has no hard links, an atomic copy."""
+    src, dst = Path(src), Path(dst)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            shutil.copyfile(src, tmp)
+    return dst
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from fastsiam import dist
 from fastsiam.augment import SimSiamAugment
 from fastsiam.config import Config
 from fastsiam.data import build_loader_from_config, makes_data_up
-from fastsiam.io import LockedError, atomic_open, exclusive_lock, remove_partials
+from fastsiam.io import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
@@ -172,7 +172,8 @@ class Trainer:
         self.logger = RunLogger(self.work_dir, enabled=False)  # replaced in fit() once the dir is checked
         self.epoch = 0
         self.step = 0
-        self.best_metric: float | None = None
+        self.best_metric: float | None = None      # the best epoch's kNN top-1
+        self._saved_at: tuple[int, Path] | None = None  # (step, file) of the last checkpoint written
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
         self._knn_loaders: tuple[Any, Any] | None = None
 
@@ -226,11 +227,25 @@ class Trainer:
     def _save(self, name: str, *, prune: bool = True) -> Path | None:
         path = None
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.state_dict(), self.work_dir / name)
+            if self._saved_at is not None and self._saved_at[0] == self.step and self._saved_at[1].exists():
+                # Nothing trained since the last save (a stop right after an epoch's end).
+                path = self._link(self._saved_at[1], name)
+            else:
+                path = ckpt.save_checkpoint(self.state_dict(), self.work_dir / name)
+            self._saved_at = (self.step, path)
             if prune:
                 ckpt.prune(self.work_dir, self.cfg.output.keep_last)
         dist.barrier(self.dist)
         return path
+
+    def _link(self, src: Path | None, name: str) -> Path | None:
+        """``name`` as a second name of checkpoint ``src`` (rank 0; a hard link, no new bytes)."""
+        if src is None:
+            return None
+        try:
+            return atomic_link(src, self.work_dir / name)
+        except OSError as e:
+            raise TrainingError(ckpt.describe_write_error(self.work_dir / name, e)) from None
 
     # ------------------------------------------------------------------------------------
     # the loop
@@ -302,16 +317,19 @@ class Trainer:
         cfg = self.cfg
         self.epoch += 1
         self.loader.set_epoch(self.epoch)
-        metric = -epoch_loss  # higher is better; kNN top-1 replaces it when monitored
+        # best.pt is chosen by the kNN monitor only: SimSiam's loss falls as well when the
+        # representation collapses, so it cannot say which epoch is best.
+        metric = math.nan
         every = self.knn_every
         if every and (self.epoch % every == 0 or self.epoch == cfg.train.epochs):
             result.knn = self._knn(f"epoch {self.epoch}")
-            metric = result.knn.get("top1", metric)
+            metric = result.knn.get("top1", math.nan)
+        is_best = math.isfinite(metric) and (self.best_metric is None or metric > self.best_metric)
+        if is_best:
+            self.best_metric = metric  # before saving, so the epoch's file and best.pt are one
         result.checkpoint = self._save(f"epoch_{self.epoch:04d}.pt")
-        # NaN never becomes best (an epoch of skipped steps has no loss; NaN features no kNN).
-        if math.isfinite(metric) and (self.best_metric is None or metric > self.best_metric):
-            self.best_metric = metric
-            self._save("best.pt", prune=False)
+        if is_best:
+            self._link(result.checkpoint, "best.pt")
 
     def _run_epoch(self, bar: Any, stop: _StopSignal, result: TrainResult,
                    max_steps: int | None) -> tuple[float, bool]:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from hostile_helpers import small_disk
 from test_step import make_batch, make_model, make_optimizer, normalize
-from test_trainer import REPO, toy_overrides, train
+from test_trainer import REPO, records, toy_overrides, train
 
 from fastsiam.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastsiam.config import load_config
@@ -81,13 +81,16 @@ def test_consecutive_skips_stop_the_run(toy_imagenet: Path, tmp_path: Path) -> N
     assert stats and all(torch.isfinite(v).all() for v in stats)
 
 
-def test_a_nan_epoch_never_becomes_best(toy_imagenet: Path, tmp_path: Path) -> None:
+def test_an_all_skipped_epoch_never_becomes_best(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
     t = train(toy_imagenet, wd, **{"optim.lr": 1e30, "train.epochs": 2, "train.log_every": 1,
-                                   "train.on_nonfinite": "skip", "train.max_skipped_steps": 100})
+                                   "train.on_nonfinite": "skip", "train.max_skipped_steps": 100,
+                                   "eval.knn_every": 1})
     assert t.result.finished
+    knn = [r["knn_top1"] for r in records(wd) if r.get("event") == "knn" and r["epoch"] > 0]
     best = load_checkpoint(wd / "best.pt")
-    assert best["epoch"] == 1 and math.isfinite(best["best_metric"])  # epoch 2: all skipped
+    # epoch 2 changed no weight (every step skipped): its equal kNN score keeps epoch 1 best
+    assert knn[0] == knn[1] and best["epoch"] == 1 and best["best_metric"] == knn[0]
     assert load_checkpoint(wd / "epoch_0002.pt")["best_metric"] == best["best_metric"]
 
 

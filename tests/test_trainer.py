@@ -73,8 +73,8 @@ def test_run_directory_contents(toy_imagenet: Path, tmp_path: Path) -> None:
     wd = tmp_path / "run"
     train(toy_imagenet, wd, **{"train.epochs": 3, "output.keep_last": 2})
     names = sorted(p.name for p in wd.iterdir())
-    assert names == [".fastsiam.lock", "best.pt", "config.yaml", "epoch_0002.pt", "epoch_0003.pt",
-                     "metrics.jsonl"]
+    # no best.pt: without the kNN monitor nothing measured which epoch is best
+    assert names == [".fastsiam.lock", "config.yaml", "epoch_0002.pt", "epoch_0003.pt", "metrics.jsonl"]
     saved = load_config(wd / "config.yaml")
     assert saved.train.epochs == 3 and saved.data.batch_size == 16
     state = load_checkpoint(wd / "epoch_0003.pt")          # weights_only=True
@@ -87,10 +87,24 @@ def test_run_directory_contents(toy_imagenet: Path, tmp_path: Path) -> None:
     assert lrs[-1] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
 
 
+def test_best_is_the_top_knn_epoch_and_a_hard_link(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    t = train(toy_imagenet, wd, **{"train.epochs": 3, "eval.knn_every": 1, "eval.knn_k": 5})
+    knn = {r["epoch"]: r["knn_top1"] for r in records(wd) if r.get("event") == "knn" and r["label"] != "random init"}
+    best_epoch = max(knn, key=lambda e: (knn[e], -e))  # the first epoch reaching the top score
+    best = wd / "best.pt"
+    assert load_checkpoint(best)["epoch"] == best_epoch and t.best_metric == knn[best_epoch]
+    epoch_file = wd / f"epoch_{best_epoch:04d}.pt"
+    assert best.stat().st_ino == epoch_file.stat().st_ino and best.stat().st_nlink == 2
+    # A save with nothing trained since the last one (a stop right after an epoch) is a link too.
+    again = t._save(f"step_{t.step:08d}.pt", prune=False)
+    assert again is not None and again.stat().st_ino == (wd / "epoch_0003.pt").stat().st_ino
+
+
 def test_resume_at_epoch_boundary_is_exact(toy_imagenet: Path, tmp_path: Path) -> None:
     straight = train(toy_imagenet, tmp_path / "a")
     train(toy_imagenet, tmp_path / "b", **{"train.max_steps": 3})    # exactly one epoch
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["best.pt", "epoch_0001.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["epoch_0001.pt"]
     resumed = train(toy_imagenet, tmp_path / "b", resume="auto")
     assert resumed.result.step == 6
     assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
