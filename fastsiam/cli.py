@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastsiam.config import Config, ConfigError, describe, load_config
+from fastsiam.metrics import use_progress_lines
 
 log = logging.getLogger("fastsiam")
 
@@ -101,6 +102,8 @@ def _print_train_summary(result: Any) -> None:
              + (f" (stopped by {result.stopped_by})" if result.stopped_by else "")]
     if result.last_loss is not None:
         lines.append(f"final loss: {result.last_loss:.4f}  z-std (collapse monitor): {result.last_z_std:.4f}")
+    if result.images_per_s is not None:
+        lines.append(f"throughput: {result.images_per_s:,.1f} images/s (all processes, kNN excluded)")
     if result.knn:
         rnd = result.knn_random_init.get("top1")
         vs = f"  (same network at random init: {rnd:.2f}%)" if rnd is not None else ""
@@ -198,7 +201,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsiam", description=__doc__.splitlines()[0])
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -260,13 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="also decode every JPEG, naming the damaged samples (slow)")
     p.add_argument("--workers", type=int, help="threads hashing and decoding (default: one per core)")
     p.set_defaults(func=cmd_verify)
-    for p in dict.fromkeys(sub.choices.values()):  # also after the command; SUPPRESS keeps a global --debug
+    for p in dict.fromkeys(sub.choices.values()):  # also after the command; SUPPRESS keeps a global flag
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=_QUIET_HELP)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         p.set_defaults(command_parser=p)
     return parser
 
 
 _DEBUG_HELP = "on an error, raise it with its traceback instead of the one-line message"
+_QUIET_HELP = ("warnings, results and a plain progress line per log window (no redrawn bar, as in a "
+               "log file)")
 # ValueError includes the data layer's (ShardFormatError, JPEGHeaderError) and WeightsError;
 # OSError includes FileNotFoundError and PermissionError.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, ImportError)
@@ -302,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unparsed:
         _take_overrides(args, unparsed, parser)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        use_progress_lines()
     if args.help_config:
         print(describe())
         return 0

@@ -71,7 +71,76 @@ def read_metrics(work_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    """A progress bar counting images (so tqdm's rate reads as images/s)."""
+_LINES = {"forced": False}  # -q: plain progress lines even on a terminal
+
+
+def use_progress_lines(on: bool = True) -> None:
+    """Print plain progress lines instead of a redrawn bar (``-q``; always when stderr is not a
+    terminal)."""
+    _LINES["forced"] = on
+
+
+class ProgressLines:
+    """A progress report for logs (SLURM, ``| tee``): one plain line per update of the postfix
+    (the trainer's ``train.log_every`` window), at most ``interval`` seconds apart otherwise,
+    and at the end; never the ``\r`` frames of a bar, which a log file keeps every one of.
+
+    It has the part of tqdm's interface fastsiam uses (``update``, ``set_postfix``, ``close``,
+    a context manager), counts images, and states images/s since it started and the ETA.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, interval: float = 60.0) -> None:
+        self.total, self.n, self.desc, self.interval = total, initial, desc, interval
+        self._start_n = initial
+        self._start = self._last = time.perf_counter()
+        self._postfix = ""
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self._last >= self.interval:
+            self._print()
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+        self._print()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._print()
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _print(self) -> None:
+        now = time.perf_counter()
+        self._last = now
+        rate = (self.n - self._start_n) / max(now - self._start, 1e-9)
+        parts = [f"{self.desc}: {self.n:,}" + (f"/{self.total:,} img ({100 * self.n / self.total:.0f}%)"
+                                               if self.total else " img"),
+                 f"{rate:,.1f} img/s"]
+        if self.total and rate > 0 and self.n < self.total:
+            parts.append(f"ETA {_clock((self.total - self.n) / rate)}")
+        if self._postfix:
+            parts.append(self._postfix)
+        print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm | ProgressLines:
+    """Progress counting images (so the rate reads as images/s): a tqdm bar on a terminal,
+    :class:`ProgressLines` in a log file or under ``-q``; ``enabled=False`` (ranks other than 0,
+    ``show_progress=False``) shows nothing."""
+    if enabled and (_LINES["forced"] or not sys.stderr.isatty()):
+        return ProgressLines(total, initial, desc)
     return tqdm(total=total, initial=initial, desc=desc, unit="img", unit_scale=True,
                 disable=not enabled, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)

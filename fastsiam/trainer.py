@@ -61,7 +61,8 @@ class TrainResult:
     stopped_by: str | None = None          # "signal", "max_steps" or None
     last_loss: float | None = None
     last_z_std: float | None = None
-    knn: dict[str, float] = field(default_factory=dict)          # last kNN monitor result
+    images_per_s: float | None = None      # this process's training throughput (kNN excluded)
+    knn: dict[str, float] = field(default_factory=dict)          # kNN of the final weights
     knn_random_init: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
 
@@ -174,6 +175,8 @@ class Trainer:
         self.step = 0
         self.best_metric: float | None = None      # the best epoch's kNN top-1
         self._saved_at: tuple[int, Path] | None = None  # (step, file) of the last checkpoint written
+        self._knn_step: int | None = None                 # the step the kNN monitor last scored
+        self._train_images, self._train_seconds = 0, 0.0  # throughput of this process's run
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
         self._knn_loaders: tuple[Any, Any] | None = None
 
@@ -304,7 +307,13 @@ class Trainer:
                         result.checkpoint = self._save(f"step_{self.step:08d}.pt")
                     self.logger.log({"event": "stopped", "reason": result.stopped_by, "step": self.step})
                     break
+        # The summary's kNN is the final weights', also after --max-steps ends a run between
+        # monitored epochs (a signal stops at once instead: the job is being preempted).
+        if self.knn_every and result.stopped_by == "max_steps" and self._knn_step != self.step:
+            result.knn = self._knn(f"final, step {self.step}")
         bar.close()
+        if self._train_seconds > 0:
+            result.images_per_s = self._train_images / self._train_seconds
         result.epoch, result.step = self.epoch, self.step
         result.finished = self.epoch >= cfg.train.epochs
         if result.finished:
@@ -369,6 +378,8 @@ class Trainer:
             if not (len(losses) >= cfg.train.log_every or end_of_epoch or hit_max or stop_now):
                 continue
             elapsed = time.perf_counter() - window_start
+            self._train_images += len(losses) * self.global_batch
+            self._train_seconds += elapsed
             # One copy to the host (the only sync of the window), and one all-reduce under DDP.
             window = torch.stack([torch.stack(losses), torch.stack(stds)]).float()
             window = dist.all_reduce_mean(window, self.dist).cpu()
@@ -452,6 +463,7 @@ class Trainer:
                 mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp,
             )
             self.model.train(was_training)
+            self._knn_step = self.step
             self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
                              **{f"knn_{k}": v for k, v in res.items()}})
             log.info("kNN (%s): %s", label, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))

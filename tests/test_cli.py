@@ -165,3 +165,33 @@ def test_synthetic_backend_is_a_short_epoch_without_a_knn_monitor(tmp_path: Path
     assert "no kNN monitor on the synthetic backend's random labels" in proc.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("event") for r in records] == [None, "stopped"]  # one step record, no "knn" event
+
+
+def _toy_train_args(toy: Path, work_dir: Path) -> list[str]:
+    """A 3-step-epoch ResNet-18 pretraining on the toy data (48 images, batch 16)."""
+    return ["train", "--config", str(DEMO), "--work-dir", str(work_dir), "--device", "cpu",
+            f"data.train_path={toy / 'train'}",
+            f"data.val_path={toy / 'val'}", "data.backend=pil", "data.batch_size=16", "data.workers=0",
+            "data.image_size=32", "model.backbone=resnet18", "model.dim=64", "model.pred_dim=16",
+            "train.amp=none", "train.log_every=2", "eval.knn_k=5"]
+
+
+def test_a_log_gets_progress_lines_and_the_summary_the_final_weights(toy_imagenet: Path, tmp_path: Path) -> None:
+    wd = tmp_path / "run"
+    # kNN monitored every epoch (3 steps); --max-steps 4 stops one step into epoch 2
+    proc = fastsiam(*_toy_train_args(toy_imagenet, wd), "eval.knn_every=1", "--max-steps", "4", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "training resnet18 on" not in proc.stderr  # -q: no INFO lines
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train: ")]
+    # one line per log window (steps 2, 3: the epoch's end, 4) and the last one when the bar closes
+    assert len(lines) == 4 and all(" img/s" in line for line in lines), proc.stderr
+    assert lines[0].startswith("train: 32/64 img (50%)") and "ETA " in lines[0] and "loss=" in lines[0]
+    knn = [r for r in (json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines())
+           if r.get("event") == "knn"]
+    assert [r["label"] for r in knn] == ["random init", "epoch 1", "final, step 4"]
+    summary = proc.stdout
+    assert f"kNN top-1 on val: {knn[-1]['knn_top1']:.2f}%" in summary and "throughput: " in summary
+    rate = float(summary.split("throughput: ")[1].split(" images/s")[0].replace(",", ""))
+    steps = [r for r in (json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    # the run's rate is its images over its step time: between the slowest and fastest window's
+    assert min(r["images_per_s"] for r in steps) <= rate <= max(r["images_per_s"] for r in steps)
