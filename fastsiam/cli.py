@@ -132,9 +132,9 @@ def cmd_linear(args: argparse.Namespace) -> int:
     if args.print_config:
         return _print_config_and_exit(cfg)
     _check_work_dir(cfg.output.work_dir or Path("work_dirs") / cfg.name, from_flag=bool(args.work_dir))
-    from fastsiam.evaluate import run_linear
+    from fastsiam.linear import run_linear
 
-    res = run_linear(cfg, cfg.eval.pretrained)
+    res = run_linear(cfg, cfg.eval.pretrained, resume=args.resume)
     print(f"linear eval: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  checkpoint: {res['checkpoint']}")
     return 0
 
@@ -143,7 +143,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.print_config:
         return _print_config_and_exit(cfg)
-    from fastsiam.evaluate import run_test
+    from fastsiam.linear import run_test
 
     res = run_test(cfg, args.checkpoint)
     print(f"test: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_samples']} images)")
@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--pretrained", help="pretrained checkpoint")
     p.add_argument("--work-dir", help="run directory for the classifier")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto|PATH",
+                   help="continue after the last completed epoch (auto: the work dir's last.pt, if any)")
     p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("test", help="top-1/top-5 of a linear classifier on the val split")

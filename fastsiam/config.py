@@ -128,6 +128,8 @@ class TrainConfig:
     seed: int = _f(0, min=0)
     deterministic: bool = _f(False, help="bit-reproducible on the CPU (slower)")
     max_steps: int | None = _f(None, min=1, help="stop after this many optimizer steps")
+    accumulate_steps: int = _f(1, min=1, help="fastsiam linear: micro-batches of data.batch_size per optimizer "
+                               "step (the batch and lr are those of batch_size x this; pretraining refuses it)")
     log_every: int = _f(10, min=1, help="steps between host syncs for logging")
     on_nonfinite: str = _f("stop", choices=["stop", "skip"],
                            help="a non-finite loss: stop with a debug checkpoint, or skip that step's update")

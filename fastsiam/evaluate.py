@@ -1,13 +1,10 @@
-"""Evaluation of a representation: weighted kNN, linear classification, and testing.
+"""Evaluation of a representation by weighted kNN, and the feature extraction it shares with
+linear evaluation (:mod:`fastsiam.linear`).
 
-- kNN: the weighted k-nearest-neighbour classifier of Wu et al., "Unsupervised Feature
-  Learning via Non-Parametric Instance Discrimination" (CVPR 2018), as used by MoCo and the
-  SimSiam paper's monitor: cosine similarity on l2-normalized pooled features, the k nearest
-  training images vote for their class with weight ``exp(sim / T)`` (k=200, T=0.07).
-- Linear evaluation: the SimSiam paper's protocol (frozen encoder, a linear classifier
-  trained with LARS, batch 4096, lr 0.1 x batch / 256, cosine, 90 epochs); see
-  :func:`train_linear`.
-- Test: top-1 / top-5 of a linear classifier on the val split (:func:`evaluate_classifier`).
+The kNN classifier is the weighted k-nearest-neighbour one of Wu et al., "Unsupervised
+Feature Learning via Non-Parametric Instance Discrimination" (CVPR 2018), as used by MoCo and
+the SimSiam paper's monitor: cosine similarity on l2-normalized pooled features, the k nearest
+training images vote for their class with weight ``exp(sim / T)`` (k=200, T=0.07).
 
 The train-set "memory bank" for kNN is the training folder read in ``split="val"`` mode
 (resize and center crop, no augmentation), as in the InstDisc/MoCo monitors.
@@ -16,28 +13,21 @@ The train-set "memory bank" for kNN is the training folder read in ``split="val"
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsiam.augment import to_normalized
-from fastsiam.augment.functional import hflip
 from fastsiam.classifier import LinearClassifier
-from fastsiam.config import Config, from_dict
-from fastsiam.data import EvalBatch, Loader, build_loader_from_config
-from fastsiam.dist import launched_by_torchrun, resolve_device
-from fastsiam.io import atomic_open
-from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
-from fastsiam.optim import build_optimizer, build_schedule
-from fastsiam.weights import load_pretrained, save_linear_checkpoint
+from fastsiam.config import Config
+from fastsiam.data import EvalBatch, build_loader_from_config
+from fastsiam.dist import resolve_device
+from fastsiam.metrics import progress
+from fastsiam.weights import load_pretrained
 
-LINEAR_CHECKPOINT = "last.pt"
 FeatureFn = Callable[[Tensor], Tensor]
 
 
@@ -215,215 +205,12 @@ def knn_evaluate(
     return {"top1": top1, "top5": top5}
 
 
-# --------------------------------------------------------------------------------------------
-# linear evaluation and test
-
-
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """Autocast for frozen-feature forwards: ``bf16``/``fp16`` on CUDA, nothing elsewhere
     (the CPU runs float32, so CPU results never depend on a reduced-precision path)."""
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def classifier_logits_fn(model: LinearClassifier, device: torch.device, amp: str) -> FeatureFn:
-    """``x -> logits``: the backbone under :func:`autocast`, the head in float32; training
-    and testing both score through this, so they agree exactly on the same device."""
-    def logits(x: Tensor) -> Tensor:
-        with autocast(device, amp):
-            feats = model.backbone(x)
-        return model.fc(feats.float())
-
-    return logits
-
-
-@torch.no_grad()
-def evaluate_classifier(
-    model: LinearClassifier,
-    loader: Iterable[EvalBatch],
-    device: str | torch.device,
-    *,
-    mean: Sequence[float],
-    std: Sequence[float],
-    amp: str = "none",
-    show_progress: bool = True,
-) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of a classifier over an :class:`EvalBatch` loader, and the
-    number of images scored (``num_samples``)."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        logits, labels = extract_features(classifier_logits_fn(model, device, amp), loader, device,
-                                          mean=mean, std=std, desc="test", show_progress=show_progress)
-    finally:
-        model.train(was_training)
-    top1, top5 = topk_accuracy(logits, labels, (1, 5))
-    return {"top1": top1, "top5": top5, "num_samples": len(labels)}
-
-
-def train_linear(
-    model: LinearClassifier,
-    train_loader: Loader,
-    val_loader: Loader | None,
-    cfg: Config,
-    *,
-    device: torch.device,
-    logger: RunLogger,
-    checkpoint_path: Path,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """The linear-evaluation loop: train ``model.fc`` on frozen features, score val each epoch.
-
-    The protocol of SimSiam's linear evaluation: the backbone is frozen and in eval mode; the
-    training views are one random-resized crop (``data.scale``) with a horizontal flip; the
-    optimizer and schedule come from the config (LARS, lr ``optim.lr x batch / 256``,
-    cosine). After every epoch the classifier is scored on ``val_loader`` and written to
-    ``checkpoint_path`` (the ``fastsiam-linear`` format of :mod:`fastsiam.weights`).
-
-    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint"}`` of the last epoch.
-    """
-    model.freeze_backbone()
-    model.train()
-    batch = cfg.data.batch_size
-    lr = cfg.optim.lr * batch / 256
-    steps_per_epoch = len(train_loader)
-    optimizer = build_optimizer(model, cfg.optim, lr=lr, device=device)
-    schedule = build_schedule(cfg.schedule, optimizer, base_lr=lr, epochs=cfg.train.epochs,
-                              steps_per_epoch=steps_per_epoch)
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total = min(total, cfg.train.max_steps)
-    flip_generator = torch.Generator().manual_seed(cfg.train.seed)
-    mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    step, result = 0, {}
-    bar = progress(total * batch, 0, "linear", show_progress)
-    try:
-        for epoch in range(cfg.train.epochs):
-            if step >= total:
-                break
-            train_loader.set_epoch(epoch)
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            # The epoch's flips, drawn on the host (so they do not depend on the device) and
-            # copied once: a copy per batch would make the host wait for the device each time.
-            flips = (torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5).to(device)
-            for crops in train_loader:
-                if step >= total:
-                    break
-                view = crops.view1
-                if view.is_floating_point():
-                    raise ValueError("linear evaluation needs plain crops, but the loader delivered augmented "
-                                     "float views; for the pil backend set data.options.augment=crop")
-                flip = flips[seen * batch:seen * batch + len(view)]
-                x = normalize_view(hflip(view.to(device), flip), mean, std)
-                x = x.contiguous(memory_format=memory_format)
-                schedule.set(step)
-                with torch.no_grad(), autocast(device, amp):
-                    feats = model.backbone(x)
-                loss = F.cross_entropy(model.fc(feats.float()), crops.label.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach()
-                seen += 1
-                step += 1
-                bar.update(len(x))
-            mean_loss = (loss_sum / max(seen, 1)).item()
-            if not math.isfinite(mean_loss):
-                raise RuntimeError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr")
-            record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": mean_loss,
-                                      "lr": schedule.lr_at(max(step - 1, 0))}
-            scores = {"top1": None, "top5": None}
-            if val_loader is not None:
-                scores = evaluate_classifier(model, val_loader, device, mean=mean, std=std, amp=amp,
-                                             show_progress=False)
-                record.update({"top1": scores["top1"], "top5": scores["top5"]})
-            logger.log(record)
-            save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
-                                   classes=getattr(train_loader, "classes", None),
-                                   top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", top1=scores["top1"])
-            result = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch + 1, "step": step,
-                      "loss": mean_loss, "checkpoint": checkpoint_path}
-    finally:
-        bar.close()
-    return result
-
-
-def run_linear(
-    cfg: Config,
-    pretrained: str | Path | None = None,
-    device: str | torch.device | None = None,
-    work_dir: str | Path | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """``fastsiam linear``: linear evaluation of a pretrained backbone, end to end.
-
-    Args:
-        cfg: a linear-evaluation config (``data.train_path``/``val_path``, ``model``,
-            ``optim``, ``schedule``, ``train.epochs``...).
-        pretrained: checkpoint in any format :mod:`fastsiam.weights` reads (default
-            ``eval.pretrained``); only its backbone is used.
-        device: ``auto``, ``cpu``, ``cuda``... (default ``train.device``).
-        work_dir: output folder (default ``output.work_dir``, else ``work_dirs/<config name>``);
-            receives ``config.yaml`` (resolved), ``metrics.jsonl`` and ``last.pt``.
-
-    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint", "work_dir"}``.
-    """
-    pretrained = pretrained or cfg.eval.pretrained
-    if not pretrained:
-        raise ValueError("linear evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
-    dev = resolve_device(str(device or cfg.train.device))
-    _single_process("linear")
-    wd = Path(work_dir or cfg.output.work_dir or Path("work_dirs") / cfg.name)
-    ckpt_path = wd / LINEAR_CHECKPOINT
-    if ckpt_path.exists():
-        raise ValueError(f"work dir {wd} already holds a linear run ({ckpt_path.name}); choose another --work-dir")
-    torch.manual_seed(cfg.train.seed)
-    train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
-    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)  # the score is the point
-    model = _classifier_for(cfg, train_loader, cfg.data.train_path, exact=True)
-    load_pretrained(model, pretrained, parts=("backbone",))
-    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-    raw = cfg.to_dict()
-    raw["task"] = "linear"  # what the run's checkpoint holds, whichever config started it
-    raw["model"]["num_classes"] = model.num_classes
-    raw["eval"]["pretrained"] = str(pretrained)
-    resolved = from_dict(raw, source=cfg.name)
-    wd.mkdir(parents=True, exist_ok=True)
-    with atomic_open(wd / CONFIG_FILE, "w") as f:
-        f.write(resolved.to_yaml())
-    logger = RunLogger(wd)
-    try:
-        res = train_linear(model, train_loader, val_loader, resolved, device=dev, logger=logger,
-                           checkpoint_path=ckpt_path, show_progress=show_progress)
-    finally:
-        logger.close()
-    return {**res, "work_dir": wd}
-
-
-def run_test(
-    cfg: Config,
-    checkpoint: str | Path,
-    device: str | torch.device | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """``fastsiam test``: top-1 / top-5 of a linear classifier on ``data.val_path``.
-
-    ``checkpoint`` is a linear classifier in any format :mod:`fastsiam.weights` reads
-    (fastsiam-linear, official ``main_lincls``, mmpretrain ``backbone`` + ``head.fc``,
-    torchvision with ``fc``). Returns ``{"top1", "top5", "num_samples"}``.
-    """
-    dev = resolve_device(str(device or cfg.train.device))
-    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)
-    model = _classifier_for(cfg, val_loader, str(cfg.data.val_path), exact=False)
-    load_pretrained(model, checkpoint, parts=("backbone", "fc"))
-    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-    return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
-                               show_progress=show_progress)
 
 
 def run_knn(
@@ -450,24 +237,3 @@ def run_knn(
     return knn_evaluate(model, bank, val, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                         device=dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
                         show_progress=show_progress)
-
-
-def _classifier_for(cfg: Config, loader: Loader, data: str, exact: bool) -> LinearClassifier:
-    """The linear classifier for ``loader``'s data: ``model.num_classes`` outputs, or the data's
-    class count when that is null. ``exact``: the training split must have exactly as many
-    classes as the head (a val split may lack some)."""
-    found = getattr(loader, "num_classes", None)
-    n = cfg.model.num_classes
-    if n is None:
-        if found is None:
-            raise ValueError(f"{data}: the loader does not know its class count; set model.num_classes")
-        n = found
-    elif found is not None and (found != n if exact else found > n):
-        raise ValueError(f"{data} has {found} classes but model.num_classes={n}; set model.num_classes={found} "
-                         f"(or null: the data's count)")
-    return LinearClassifier(cfg.model.backbone, n, cfg.model.small_input)
-
-
-def _single_process(what: str) -> None:
-    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"fastsiam {what} runs as a single process (one GPU); launch it without torchrun")

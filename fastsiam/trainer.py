@@ -106,6 +106,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None,
                  resume_changed: bool = False):
+        if cfg.train.accumulate_steps != 1:
+            # Each micro-batch would normalize by its own BatchNorm statistics: not the step of
+            # the larger batch, unlike linear evaluation's frozen backbone.
+            raise TrainingError(f"train.accumulate_steps={cfg.train.accumulate_steps}: SimSiam pretraining "
+                                f"takes no gradient accumulation (its BatchNorm sees each micro-batch alone); "
+                                f"set data.batch_size, or add GPUs with torchrun")
         self.cfg = cfg
         self.work_dir = Path(work_dir) if work_dir else default_work_dir(cfg)
         self.resume = resume

@@ -22,7 +22,8 @@ Recognised inputs (the container is found first, then the key layout):
 - fastsiam linear checkpoint (``fastsiam linear``, written by :func:`save_linear_checkpoint`):
   ``{"format": "fastsiam-linear", "model": {"backbone.*", "fc.weight", "fc.bias"}, "config":
   dict, "classes": [names] | None, "top1": float, "top5": float, "epoch": int,
-  "fastsiam_version": str}``.
+  "fastsiam_version": str, "train_state": {"optimizer", "flip_rng", "rng", "epoch", "step"}}``
+  (``train_state``: what ``fastsiam linear --resume`` continues from).
 - official SimSiam (facebookresearch/simsiam ``main_simsiam.py``): ``{"state_dict":
   {"module.encoder.<resnet>", "module.encoder.fc.<0..7>", "module.predictor.<0..3>"}, ...}``.
   Its last projector Linear has a frozen bias feeding a BatchNorm; the bias is folded into
@@ -358,8 +359,10 @@ def save_linear_checkpoint(
     top1: float | None,
     top5: float | None,
     epoch: int,
+    train_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a linear classifier in the ``fastsiam-linear`` format (module docstring)."""
+    """Write a linear classifier in the ``fastsiam-linear`` format (module docstring);
+    ``train_state`` (optimizer, RNG, epoch and step) lets ``fastsiam linear --resume`` continue."""
     state = {
         "format": LINEAR_FORMAT,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -370,6 +373,8 @@ def save_linear_checkpoint(
         "epoch": epoch,
         "fastsiam_version": fastsiam.__version__,
     }
+    if train_state is not None:
+        state["train_state"] = dict(train_state)
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

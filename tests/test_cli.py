@@ -133,7 +133,7 @@ def toy_linear(toy_imagenet: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     overrides = [f"data.train_path={toy_imagenet / 'train'}", f"data.val_path={toy_imagenet / 'val'}",
                  "data.backend=pil", "data.options={augment: crop}", "data.batch_size=16", "data.workers=0",
                  "data.image_size=32", "model.backbone=resnet18", "train.epochs=1", "train.amp=none",
-                 "train.device=cpu", "train.channels_last=false"]
+                 "train.device=cpu", "train.channels_last=false", "train.accumulate_steps=1"]
     return root, overrides
 
 
@@ -195,3 +195,26 @@ def test_a_log_gets_progress_lines_and_the_summary_the_final_weights(toy_imagene
     steps = [r for r in (json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     # the run's rate is its images over its step time: between the slowest and fastest window's
     assert min(r["images_per_s"] for r in steps) <= rate <= max(r["images_per_s"] for r in steps)
+
+
+def test_linear_prints_its_batch_and_lr_and_resumes_exactly(toy_linear: tuple[Path, list[str]]) -> None:
+    root, overrides = toy_linear
+    args = ["linear", "--config", str(LINEAR_IN1K), "--pretrained", str(root / "resnet18.pth"), *overrides,
+            "model.num_classes=null", "train.epochs=2"]
+    straight = fastsiam(*args, "--work-dir", str(root / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    # 3 batches of 16 per epoch, lr 0.1 x 16/256 (the recipe's 0.1 per 256 images)
+    assert "1 x 16 images/step, lr 0.00625, 3 steps/epoch" in straight.stderr
+    first = fastsiam(*args, "train.max_steps=3", "--work-dir", str(root / "resumed"))
+    assert first.returncode == 0, first.stderr
+    again = fastsiam(*args, "--work-dir", str(root / "resumed"))  # without --resume: refused, nothing lost
+    assert "continue it with --resume auto" in one_line_error(again, "linear")
+    resumed = fastsiam(*args, "--work-dir", str(root / "resumed"), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(root / "straight" / "last.pt", weights_only=True)
+    b = torch.load(root / "resumed" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["top1"] == b["top1"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    changed = fastsiam(*args, "optim.lr=0.2", "--work-dir", str(root / "resumed"), "--resume")
+    assert "changes the run's result (optim.lr 0.1 -> 0.2)" in one_line_error(changed, "linear")

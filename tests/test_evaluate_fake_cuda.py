@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastsiam.evaluate as E
+import fastsiam.linear as L
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import load_config
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
@@ -77,13 +78,13 @@ def test_feature_extraction_per_batch(amp: str) -> None:
 
 def test_linear_evaluation_loop_per_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The checkpoint write at the end of an epoch is host I/O of real data: not traced here.
-    monkeypatch.setattr(E, "save_linear_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(L, "save_linear_checkpoint", lambda *a, **k: None)
     cfg = load_config(None, ["optim.name=lars", "train.epochs=1", "train.amp=bf16",
                              f"data.batch_size={B}", "model.backbone=resnet18"])
     with fake_cuda() as trace:
         model = _model()
         E.to_normalized(_device_view(), MEAN, STD)
-        result = E.train_linear(model, _TrainLoader(trace), None, cfg, device=torch.device("cuda"),
+        result = L.train_linear(model, _TrainLoader(trace), None, cfg, device=torch.device("cuda"),
                                 logger=RunLogger(tmp_path, enabled=False),
                                 checkpoint_path=tmp_path / "last.pt", show_progress=False)
     assert result["step"] == BATCHES

@@ -1,0 +1,331 @@
+"""Linear evaluation of a frozen representation, and testing the classifier it trains.
+
+The SimSiam paper's protocol (Chen & He, CVPR 2021, appendix A): the pretrained encoder is
+frozen and in eval mode, a linear classifier on its pooled features is trained with LARS
+(You et al., 2017) at batch 4096, lr 0.1 x batch / 256, cosine decay, 90 epochs, on one
+random-resized crop with a horizontal flip per image; val is scored on center crops.
+
+A batch of 4096 needs 8 GPUs of 512 or one large one; ``train.accumulate_steps`` reaches it on
+less by summing the gradients of several micro-batches before each optimizer step. With the
+backbone frozen in eval mode the micro-batches' features do not depend on each other (no
+BatchNorm statistics are updated), so k micro-batches of B are the same step as one batch of
+kB up to float rounding.
+
+``last.pt`` (the ``fastsiam-linear`` format of :mod:`fastsiam.weights`) is written after every
+epoch with the optimizer and RNG state beside the weights, so ``--resume auto`` continues from
+the last completed epoch exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastsiam import checkpoint as ckpt
+from fastsiam.augment.functional import hflip
+from fastsiam.classifier import LinearClassifier
+from fastsiam.config import Config, from_dict
+from fastsiam.data import EvalBatch, Loader, build_loader_from_config
+from fastsiam.dist import launched_by_torchrun, resolve_device
+from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_view, topk_accuracy
+from fastsiam.io import atomic_open
+from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
+from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.resume import Change, config_changes
+from fastsiam.weights import load_pretrained, save_linear_checkpoint
+
+log = logging.getLogger(__name__)
+
+LINEAR_CHECKPOINT = "last.pt"
+
+
+def classifier_logits_fn(model: LinearClassifier, device: torch.device, amp: str) -> FeatureFn:
+    """``x -> logits``: the backbone under :func:`~fastsiam.evaluate.autocast`, the head in
+    float32; training and testing both score through this, so they agree on the same device."""
+    def logits(x: Tensor) -> Tensor:
+        with autocast(device, amp):
+            feats = model.backbone(x)
+        return model.fc(feats.float())
+
+    return logits
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: LinearClassifier,
+    loader: Iterable[EvalBatch],
+    device: str | torch.device,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    amp: str = "none",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of a classifier over an :class:`EvalBatch` loader, and the
+    number of images scored (``num_samples``)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits, labels = extract_features(classifier_logits_fn(model, device, amp), loader, device,
+                                          mean=mean, std=std, desc="test", show_progress=show_progress)
+    finally:
+        model.train(was_training)
+    top1, top5 = topk_accuracy(logits, labels, (1, 5))
+    return {"top1": top1, "top5": top5, "num_samples": len(labels)}
+
+
+def train_linear(
+    model: LinearClassifier,
+    train_loader: Loader,
+    val_loader: Loader | None,
+    cfg: Config,
+    *,
+    device: torch.device,
+    logger: RunLogger,
+    checkpoint_path: Path,
+    show_progress: bool = True,
+    resume_state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The linear-evaluation loop: train ``model.fc`` on frozen features, score val each epoch.
+
+    Each optimizer step sees ``train.accumulate_steps`` micro-batches of ``data.batch_size``
+    (their mean loss), and the lr is ``optim.lr x (micro-batch x accumulate_steps) / 256``; an
+    epoch's micro-batches past the last full accumulation are not used (as ``drop_last``
+    drops a partial batch). After every epoch the classifier is scored on ``val_loader`` and
+    written to ``checkpoint_path`` with what :func:`run_linear` needs to resume.
+
+    Args:
+        resume_state: the ``train_state`` of a checkpoint written by this loop: training
+            continues after its epoch (the model's weights must already be loaded).
+
+    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint"}`` of the last epoch.
+    """
+    model.freeze_backbone()
+    model.train()
+    micro, accumulate = cfg.data.batch_size, cfg.train.accumulate_steps
+    batch = micro * accumulate
+    lr = cfg.optim.lr * batch / 256
+    steps_per_epoch = len(train_loader) // accumulate
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch has {len(train_loader)} batches of {micro}, fewer than "
+                         f"train.accumulate_steps={accumulate}; lower it or data.batch_size")
+    optimizer = build_optimizer(model, cfg.optim, lr=lr, device=device)
+    schedule = build_schedule(cfg.schedule, optimizer, base_lr=lr, epochs=cfg.train.epochs,
+                              steps_per_epoch=steps_per_epoch)
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    flip_generator = torch.Generator().manual_seed(cfg.train.seed)
+    first_epoch, step = 0, 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        flip_generator.set_state(resume_state["flip_rng"])
+        ckpt.set_rng_state(resume_state["rng"])
+        first_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
+    log.info("linear evaluation of %s on %s: %d x %d images/step, lr %.4g, %d steps/epoch, work dir %s",
+             cfg.model.backbone, device, accumulate, micro, lr, steps_per_epoch, checkpoint_path.parent)
+    mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    result: dict[str, Any] = {}
+    bar = progress(total * batch, step * batch, "linear", show_progress)
+    try:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            if step >= total:
+                break
+            train_loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            steps_done = 0
+            # The epoch's flips, drawn on the host (so they do not depend on the device) and
+            # copied once: a copy per batch would make the host wait for the device each time.
+            flips = (torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5).to(device)
+            for i, crops in enumerate(train_loader):
+                if step >= total or i >= steps_per_epoch * accumulate:
+                    break
+                view = crops.view1
+                if view.is_floating_point():
+                    raise ValueError("linear evaluation needs plain crops, but the loader delivered augmented "
+                                     "float views; for the pil backend set data.options.augment=crop")
+                flip = flips[i * micro:i * micro + len(view)]
+                x = normalize_view(hflip(view.to(device), flip), mean, std)
+                x = x.contiguous(memory_format=memory_format)
+                with torch.no_grad(), autocast(device, amp):
+                    feats = model.backbone(x)
+                # the mean over the whole accumulated batch, as one batch of micro x accumulate
+                loss = F.cross_entropy(model.fc(feats.float()), crops.label.to(device)) / accumulate
+                loss.backward()
+                loss_sum += loss.detach()
+                bar.update(len(x))
+                if (i + 1) % accumulate:
+                    continue
+                schedule.set(step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps_done += 1
+                step += 1
+            mean_loss = (loss_sum / max(steps_done, 1)).item()
+            if not math.isfinite(mean_loss):
+                raise RuntimeError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr")
+            record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": mean_loss,
+                                      "lr": schedule.lr_at(max(step - 1, 0))}
+            scores = {"top1": None, "top5": None}
+            if val_loader is not None:
+                scores = evaluate_classifier(model, val_loader, device, mean=mean, std=std, amp=amp,
+                                             show_progress=False)
+                record.update({"top1": scores["top1"], "top5": scores["top5"]})
+            logger.log(record)
+            train_state = {"optimizer": optimizer.state_dict(), "flip_rng": flip_generator.get_state(),
+                           "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step}
+            save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
+                                   classes=getattr(train_loader, "classes", None),
+                                   top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1,
+                                   train_state=train_state)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", top1=scores["top1"])
+            result = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch + 1, "step": step,
+                      "loss": mean_loss, "checkpoint": checkpoint_path}
+    finally:
+        bar.close()
+    return result
+
+
+def run_linear(
+    cfg: Config,
+    pretrained: str | Path | None = None,
+    device: str | torch.device | None = None,
+    work_dir: str | Path | None = None,
+    show_progress: bool = True,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """``fastsiam linear``: linear evaluation of a pretrained backbone, end to end.
+
+    Args:
+        cfg: a linear-evaluation config (``data.train_path``/``val_path``, ``model``,
+            ``optim``, ``schedule``, ``train.epochs``...).
+        pretrained: checkpoint in any format :mod:`fastsiam.weights` reads (default
+            ``eval.pretrained``); only its backbone is used.
+        device: ``auto``, ``cpu``, ``cuda``... (default ``train.device``).
+        work_dir: output folder (default ``output.work_dir``, else ``work_dirs/<config name>``);
+            receives ``config.yaml`` (resolved), ``metrics.jsonl`` and ``last.pt``.
+        resume: ``auto`` (the work dir's ``last.pt`` if there is one, else a fresh start) or a
+            linear checkpoint: continue after its epoch. A resume whose config or pretrained
+            weights differ in what changes the result is refused, naming the keys.
+
+    Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint", "work_dir"}``.
+    """
+    pretrained = pretrained or cfg.eval.pretrained
+    if not pretrained:
+        raise ValueError("linear evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
+    dev = resolve_device(str(device or cfg.train.device))
+    _single_process("linear")
+    wd = Path(work_dir or cfg.output.work_dir or Path("work_dirs") / cfg.name)
+    ckpt_path = wd / LINEAR_CHECKPOINT
+    resume_from = _resume_file(resume, ckpt_path)
+    torch.manual_seed(cfg.train.seed)
+    train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)  # the score is the point
+    model = _classifier_for(cfg, train_loader, cfg.data.train_path, exact=True)
+    raw = cfg.to_dict()
+    raw["task"] = "linear"  # what the run's checkpoint holds, whichever config started it
+    raw["model"]["num_classes"] = model.num_classes
+    raw["eval"]["pretrained"] = str(pretrained)
+    resolved = from_dict(raw, source=cfg.name)
+    state = None
+    if resume_from is not None:
+        state = _resumable(resume_from, resolved)
+        model.load_state_dict(state["model"])  # the backbone it trained on and its head
+    else:
+        load_pretrained(model, pretrained, parts=("backbone",))
+    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    wd.mkdir(parents=True, exist_ok=True)
+    with atomic_open(wd / CONFIG_FILE, "w") as f:
+        f.write(resolved.to_yaml())
+    logger = RunLogger(wd)
+    try:
+        if state is not None:
+            logger.log({"event": "resumed", "from": str(resume_from), "epoch": state["epoch"]})
+        res = train_linear(model, train_loader, val_loader, resolved, device=dev, logger=logger,
+                           checkpoint_path=ckpt_path, show_progress=show_progress,
+                           resume_state=state["train_state"] if state is not None else None)
+    finally:
+        logger.close()
+    if not res:  # resumed a finished run: its last epoch is the result
+        res = {"top1": state["top1"], "top5": state["top5"], "epoch": state["epoch"],  # type: ignore[index]
+               "step": state["train_state"]["step"], "loss": None, "checkpoint": ckpt_path}  # type: ignore[index]
+    return {**res, "work_dir": wd}
+
+
+def _resume_file(resume: str | Path | None, ckpt_path: Path) -> Path | None:
+    """The checkpoint to continue from, or ``None`` for a fresh run (refused over a finished one)."""
+    if resume is None:
+        if ckpt_path.exists():
+            raise ValueError(f"work dir {ckpt_path.parent} already holds a linear run ({ckpt_path.name}); "
+                             f"continue it with --resume auto or choose another --work-dir")
+        return None
+    if str(resume) == "auto":
+        return ckpt_path if ckpt_path.exists() else None
+    return Path(resume)
+
+
+def _resumable(path: Path, cfg: Config) -> dict[str, Any]:
+    """The checkpoint at ``path`` if this run may continue it (same trajectory and weights)."""
+    state = ckpt.load_checkpoint(path)
+    if "train_state" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a resumable linear-evaluation checkpoint (no optimizer state)")
+    changed, _ = config_changes(state["config"], cfg.to_dict())
+    saved_pretrained = state["config"].get("eval", {}).get("pretrained")
+    if saved_pretrained != cfg.eval.pretrained:  # eval.* is harmless for pretraining, not here
+        changed.append(Change("eval.pretrained", saved_pretrained, cfg.eval.pretrained))
+    if changed:
+        raise ValueError(f"{path}: this config changes the run's result ({', '.join(map(str, changed))}); "
+                         f"resume with the run's config or choose another --work-dir")
+    return state
+
+
+def run_test(
+    cfg: Config,
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """``fastsiam test``: top-1 / top-5 of a linear classifier on ``data.val_path``.
+
+    ``checkpoint`` is a linear classifier in any format :mod:`fastsiam.weights` reads
+    (fastsiam-linear, official ``main_lincls``, mmpretrain ``backbone`` + ``head.fc``,
+    torchvision with ``fc``). Returns ``{"top1", "top5", "num_samples"}``.
+    """
+    dev = resolve_device(str(device or cfg.train.device))
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)
+    model = _classifier_for(cfg, val_loader, str(cfg.data.val_path), exact=False)
+    load_pretrained(model, checkpoint, parts=("backbone", "fc"))
+    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
+                               show_progress=show_progress)
+
+
+def _classifier_for(cfg: Config, loader: Loader, data: str, exact: bool) -> LinearClassifier:
+    """The linear classifier for ``loader``'s data: ``model.num_classes`` outputs, or the data's
+    class count when that is null. ``exact``: the training split must have exactly as many
+    classes as the head (a val split may lack some)."""
+    found = getattr(loader, "num_classes", None)
+    n = cfg.model.num_classes
+    if n is None:
+        if found is None:
+            raise ValueError(f"{data}: the loader does not know its class count; set model.num_classes")
+        n = found
+    elif found is not None and (found != n if exact else found > n):
+        raise ValueError(f"{data} has {found} classes but model.num_classes={n}; set model.num_classes={found} "
+                         f"(or null: the data's count)")
+    return LinearClassifier(cfg.model.backbone, n, cfg.model.small_input)
+
+
+def _single_process(what: str) -> None:
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"fastsiam {what} runs as a single process (one GPU); launch it without torchrun")
