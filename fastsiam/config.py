@@ -27,6 +27,7 @@ import difflib
 import importlib.util
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -455,9 +456,10 @@ def _check_backend_options(data: DataConfig, origin: _Origin) -> None:
     does not know (mistyped, or registered by user code later) is left to ``build_loader``."""
     if not data.options:
         return
-    accepted = _backend_options(data.backend)
-    if accepted is None:
+    options = _backend_options(data.backend)
+    if options is None:
         return
+    accepted = [o.name for o in options]
     for name in data.options:
         if name in accepted:
             continue
@@ -470,7 +472,17 @@ def _check_backend_options(data: DataConfig, origin: _Origin) -> None:
         raise ConfigError(f"{origin.of(dotted)}: unknown option '{dotted}' for the {data.backend} backend; {hint}")
 
 
-def _backend_options(backend: str) -> list[str] | None:
+@dataclass(frozen=True)
+class BackendOption:
+    """One ``data.options`` key of a backend: its name, its default (as written in the source)
+    and the help of its build's docstring ("Options:" section)."""
+
+    name: str
+    default: str | None
+    help: str
+
+
+def _backend_options(backend: str) -> list[BackendOption] | None:
     """The options of a registered backend: its ``build``'s keyword arguments beyond those of
     ``build_loader``, read from the module's source rather than by importing it, since the
     ffcv and DALI modules import their libraries, which a machine writing configs may lack.
@@ -489,8 +501,42 @@ def _backend_options(backend: str) -> list[str] | None:
     if build is None or build.args.kwarg is not None:
         return None
     common = set(inspect.signature(data.build_loader).parameters) | {"path"}
-    names = [a.arg for a in (*build.args.posonlyargs, *build.args.args, *build.args.kwonlyargs)]
-    return [n for n in names if n not in common]
+    a = build.args
+    positional = [*a.posonlyargs, *a.args]
+    defaults = dict(zip([x.arg for x in positional[len(positional) - len(a.defaults):]], a.defaults))
+    defaults.update({x.arg: d for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
+    helps = _options_section(ast.get_docstring(build) or "")
+    # a default named by a module constant (num_samples=DEFAULT_NUM_SAMPLES) shows its value
+    constants = {t.id: ast.unparse(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+
+    def shown(default: ast.expr) -> str:
+        text = ast.unparse(default)
+        return constants.get(text, text)
+
+    return [BackendOption(x.arg, shown(defaults[x.arg]) if x.arg in defaults else None,
+                          helps.get(x.arg, "").replace("the module docstring", spec.module))  # type: ignore[union-attr]
+            for x in (*positional, *a.kwonlyargs) if x.arg not in common]
+
+
+def _options_section(doc: str) -> dict[str, str]:
+    """``{name: help}`` from the ``Options:`` section of a docstring (Google style; ``a, b:``
+    gives two names one help)."""
+    stripped = [line.strip() for line in doc.splitlines()]
+    if "Options:" not in stripped:
+        return {}
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for line in doc.splitlines()[stripped.index("Options:") + 1:]:
+        m = re.match(r"^\s{4}(\w+(?:, \w+)*): (.*)$", line)
+        if m:
+            current = m[1].split(", ")
+            out.update({n: m[2].strip() for n in current})
+        elif current and line.startswith(" " * 8):
+            out.update({n: f"{out[n]} {line.strip()}" for n in current})
+        elif line.strip():
+            break
+    return {k: v.replace("``", "") for k, v in out.items()}
 
 
 def describe() -> str:
@@ -505,4 +551,23 @@ def describe() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             h = f.metadata.get("help", "")
             lines.append(f"  {f.name}: {default!r}" + (f"    # {h}" if h else ""))
+            if cls is DataConfig and f.name == "options":
+                lines.extend(_describe_backend_options())
     return "\n".join(lines)
+
+
+def _describe_backend_options() -> list[str]:
+    """The ``data.options`` of every registered backend, with defaults and help."""
+    from fastsiam.data import available_backends
+
+    lines = []
+    for backend in available_backends():
+        options = _backend_options(backend)
+        if options is None:
+            lines.append(f"    {backend}: (options not known without importing it)")
+            continue
+        lines.append(f"    {backend}:" + ("" if options else " no options"))
+        for o in options:
+            lines.append(f"      {o.name}: {o.default if o.default is not None else '(required)'}"
+                         + (f"    # {o.help}" if o.help else ""))
+    return lines

@@ -36,7 +36,8 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ImportError("output.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+                raise ImportError("output.tensorboard=true needs the tensorboard package: "
+                                  "pip install 'fastsiam[tensorboard]'") from e
             self._tb = SummaryWriter(str(work_dir / "tb"))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -139,3 +139,26 @@ def test_from_dict_and_describe() -> None:
     assert from_dict({"optim": {"lr": 0.2}}).optim.lr == 0.2
     text = describe()
     assert "optim:" in text and "  lr: 0.05" in text
+
+
+def test_help_config_lists_each_backends_options_with_their_defaults() -> None:
+    import importlib
+    import inspect
+    import subprocess
+    import sys
+
+    from fastsiam.data import _BACKENDS, build_loader
+
+    out = subprocess.run([sys.executable, "-m", "fastsiam", "--help-config"], check=True, capture_output=True,
+                         text=True).stdout
+    common = set(inspect.signature(build_loader).parameters) | {"path"}
+    checked = 0
+    for name, spec in _BACKENDS.items():
+        assert f"\n    {name}:" in out, name
+        build = importlib.import_module(spec.module).build  # the reference: the signature itself
+        for p in inspect.signature(build).parameters.values():
+            if p.name not in common:
+                assert f"\n      {p.name}: {p.default!r}" in out, (name, p.name)
+                checked += 1
+    assert checked >= 15  # ffcv's order, os_cache, ...; synthetic's num_samples; pil's augment
+    assert "      augment: 'full'    # full (the official recipe per view" in out

@@ -190,7 +190,12 @@ def build(
     workers: int, device: torch.device, split: str, seed: int, rank: int, world_size: int,
     drop_last: bool, on_corrupt: str, augment: str = "full",
 ) -> PILLoader:
-    """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``)."""
+    """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``).
+
+    Options:
+        augment: ``full`` (the official recipe per view, in PIL) or ``crop`` (random-resized
+            crop only: plain uint8 views, for linear evaluation and GPU-side augmentation).
+    """
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"pil loader: {path} is not a directory; expected an ImageFolder (<path>/<class>/<image>)")
