@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,7 @@ def build_model(cfg: Config, task: str) -> nn.Module:
     if task == "linear":
         if m.num_classes is None:
             raise ValueError(f"{cfg.name}: model.num_classes is null (taken from the data by fastsiam linear); "
-                             f"set it, or build the model from the linear run's checkpoint")
+                             f"set it, or pass the linear run's checkpoint as pretrained")
         return LinearClassifier(m.backbone, m.num_classes, m.small_input)
     if task == "pretrain":
         return SimSiamModel(m.backbone, m.dim, m.pred_dim, m.small_input)
@@ -172,10 +173,16 @@ def get_model(
         where = f" (mmpretrain publishes {name} at {card.weights_url})" if card and card.weights_url else ""
         raise ValueError(f"pretrained=True needs a file: fastsiam downloads nothing. Get the weights yourself{where} "
                          f"or train them (fastsiam train / fastsiam linear), then pass pretrained='path/to/file'")
-    model = build_model(cfg, task)
-    classes = None
     if pretrained:
         obj = obj if obj is not None else read_weights(pretrained)
+    if task == "linear" and cfg.model.num_classes is None and obj is not None:
+        # null: the data's class count when it trained, which its head records
+        fc = canonical_state_dict(obj, str(pretrained)).get("fc.weight")
+        if fc is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=int(fc.shape[0])))
+    model = build_model(cfg, task)
+    classes = None
+    if obj is not None:
         load_parts(model, canonical_state_dict(obj, str(pretrained)), PARTS[task], str(pretrained))
         classes = classes_of(obj)
         if classes is not None and isinstance(model, LinearClassifier) and len(classes) != model.num_classes:

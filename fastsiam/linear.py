@@ -40,6 +40,7 @@ from fastsiam.io import atomic_open
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import Change, config_changes
+from fastsiam.trainer import TrainingError
 from fastsiam.weights import load_pretrained, save_linear_checkpoint
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def train_linear(
                 step += 1
             mean_loss = (loss_sum / max(steps_done, 1)).item()
             if not math.isfinite(mean_loss):
-                raise RuntimeError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr")
+                raise TrainingError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr "
+                                    f"(last.pt holds epoch {epoch})")
             record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step, "loss": mean_loss,
                                       "lr": schedule.lr_at(max(step - 1, 0))}
             scores = {"top1": None, "top5": None}
@@ -188,7 +190,8 @@ def train_linear(
                                    classes=getattr(train_loader, "classes", None),
                                    top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1,
                                    train_state=train_state)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", top1=scores["top1"])
+            bar.set_postfix(loss=f"{mean_loss:.4f}",
+                            top1=f"{scores['top1']:.2f}" if scores["top1"] is not None else None)
             result = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch + 1, "step": step,
                       "loss": mean_loss, "checkpoint": checkpoint_path}
     finally:

@@ -218,3 +218,4 @@ def test_linear_prints_its_batch_and_lr_and_resumes_exactly(toy_linear: tuple[Pa
         assert torch.equal(a["model"][k], b["model"][k]), k
     changed = fastsiam(*args, "optim.lr=0.2", "--work-dir", str(root / "resumed"), "--resume")
     assert "changes the run's result (optim.lr 0.1 -> 0.2)" in one_line_error(changed, "linear")
+

@@ -194,3 +194,24 @@ def test_accumulation_is_refused_by_pretraining_and_by_a_short_epoch(linear_run,
     short = _linear_cfg(cfg.data.train_path, cfg.data.val_path, **{"train.accumulate_steps": "4"})
     with pytest.raises(ValueError, match=r"3 batches of 16, fewer than train\.accumulate_steps=4"):
         run_linear(short, pretrained, "cpu", work_dir=tmp_path / "w", show_progress=False)
+
+
+def test_a_non_finite_loss_stops_with_a_training_error(tmp_path):
+    # TrainingError: the CLI's one-line kind, like the pretraining trainer's
+    from fastsiam.classifier import LinearClassifier
+    from fastsiam.config import load_config
+    from fastsiam.linear import train_linear
+    from fastsiam.metrics import RunLogger
+    from fastsiam.trainer import TrainingError
+
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model = LinearClassifier("resnet18", num_classes=4, small_input=True)
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    cfg = load_config(None, ["optim.name=lars", "train.epochs=1", "train.amp=none", "data.batch_size=16",
+                             "model.backbone=resnet18", "train.channels_last=false"])
+    with pytest.raises(TrainingError, match=r"non-finite loss in epoch 1; lower optim\.lr"):
+        train_linear(model, _Crops(images, torch.zeros(32, dtype=torch.long), 16), None, cfg,
+                     device=torch.device("cpu"), logger=RunLogger(tmp_path, enabled=False),
+                     checkpoint_path=tmp_path / "last.pt", show_progress=False)
+    assert not (tmp_path / "last.pt").exists()
