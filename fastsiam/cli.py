@@ -154,7 +154,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from fastsiam.flops import model_info
 
     info = model_info(args.name, image_size=args.image_size)
-    print(f"{info['name']}: {info['params_m']:.2f} M params, {info['gflops']:.3g} GFLOPs "
+    head = (f" + {info['params_per_class']} per class of the data (model.num_classes: null)"
+            if info["params_per_class"] else "")
+    print(f"{info['name']}: {info['params_m']:.2f} M params{head}, {info['gflops']:.3g} GFLOPs "
           f"(multiply-accumulates per {info['image_size']} px image)")
     return 0
 

@@ -70,18 +70,28 @@ def count_flops(module: nn.Module, *inputs: Tensor, forward: Any = None) -> int:
 def model_info(name_or_config: Any, image_size: int | None = None) -> dict[str, Any]:
     """Parameters and FLOPs of a model-card name, a config file or a :class:`Config`.
 
-    Returns ``{"name", "task", "params", "params_m", "flops", "gflops", "image_size"}``:
+    Returns ``{"name", "task", "params", "params_m", "flops", "gflops", "image_size",
+    "params_per_class"}`` (the last for a linear config whose ``model.num_classes`` is null,
+    the data's count: ``params`` is then without the head, which adds that many per class):
     ``params_m`` in millions, ``gflops`` in 10^9 multiply-accumulates per ``image_size`` px
     image of ``extract_feat`` (mmpretrain's convention, see the module docstring).
     ``image_size`` defaults to the config's ``data.image_size``, the views it trains on.
     """
+    import dataclasses
+
     from fastsiam.api import build_model, resolve
 
     cfg, task, name = resolve(name_or_config)
     image_size = image_size or cfg.data.image_size
+    head_from_data = task == "linear" and cfg.model.num_classes is None
+    if head_from_data:
+        # null: the data decides; count the backbone and say what each class adds
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=1))
     model = build_model(cfg, task)
     x = torch.zeros(1, 3, image_size, image_size)
     flops = count_flops(model, x, forward=model.extract_feat)
     params = count_params(model)
+    per_class = count_params(model.fc) if head_from_data else None  # type: ignore[arg-type]
+    params -= per_class or 0
     return {"name": name, "task": task, "params": params, "params_m": params / 1e6, "flops": flops,
-            "gflops": flops / 1e9, "image_size": image_size}
+            "gflops": flops / 1e9, "image_size": image_size, "params_per_class": per_class}

@@ -219,3 +219,11 @@ def test_linear_prints_its_batch_and_lr_and_resumes_exactly(toy_linear: tuple[Pa
     changed = fastsiam(*args, "optim.lr=0.2", "--work-dir", str(root / "resumed"), "--resume")
     assert "changes the run's result (optim.lr 0.1 -> 0.2)" in one_line_error(changed, "linear")
 
+
+
+def test_info_of_a_linear_config_whose_head_the_data_sizes() -> None:
+    proc = fastsiam("info", str(REPO / "configs" / "simsiam_resnet18_toy-demo-linear.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    tv = models.resnet18()
+    backbone = sum(p.numel() for p in tv.parameters()) - sum(p.numel() for p in tv.fc.parameters())
+    assert f"{backbone / 1e6:.2f} M params + {512 + 1} per class of the data" in proc.stdout
