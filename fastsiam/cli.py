@@ -91,9 +91,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = trainer.fit()
     if trainer.dist.is_main:
         _print_train_summary(result)
-    from fastsiam import dist
-
-    dist.cleanup(trainer.dist)
     return 0
 
 
@@ -120,7 +117,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from fastsiam.evaluate import run_knn
 
     res = run_knn(cfg, cfg.eval.pretrained)
-    print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
+    if _is_main_process():
+        print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%")
     return 0
 
 
@@ -135,7 +133,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
     from fastsiam.linear import run_linear
 
     res = run_linear(cfg, cfg.eval.pretrained, resume=args.resume)
-    print(f"linear eval: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  checkpoint: {res['checkpoint']}")
+    if _is_main_process():
+        print(f"linear eval: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  checkpoint: {res['checkpoint']}")
     return 0
 
 
@@ -146,7 +145,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     from fastsiam.linear import run_test
 
     res = run_test(cfg, args.checkpoint)
-    print(f"test: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_samples']} images)")
+    if _is_main_process():
+        print(f"test: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['num_samples']} images)")
     return 0
 
 
@@ -331,6 +331,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastsiam {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (which prints the result every rank computed), else True."""
+    import torch.distributed as torch_dist
+
+    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -150,6 +150,9 @@ class EvalConfig:
 @dataclass
 class DistConfig:
     backend: str = _f("auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = _f(1800.0, min=1.0, help="seconds a collective may wait for the other ranks before "
+                          "the job fails (torch's default is 600; a kNN bank or a checkpoint on a slow "
+                          "disk can take longer)")
 
 
 @dataclass

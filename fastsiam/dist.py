@@ -7,6 +7,7 @@ fastsiam never launches processes itself: ``torchrun --nproc-per-node G [--nnode
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def resolve_device(name: str, local_rank: int = 0, *, key: str = "train.device")
     return device
 
 
-def init_distributed(backend: str, device: torch.device, *, capture: bool = False) -> DistInfo:
+def init_distributed(backend: str, device: torch.device, *, capture: bool = False,
+                     timeout_s: float | None = None) -> DistInfo:
     """Join torchrun's process group (no-op for a single process).
 
     ``capture``: the training step will be captured as a CUDA graph with DDP's all-reduce in
@@ -88,9 +90,17 @@ def init_distributed(backend: str, device: torch.device, *, capture: bool = Fals
                         NCCL_ASYNC_ERROR_HANDLING, previous)
         os.environ[NCCL_ASYNC_ERROR_HANDLING] = "0"
     if not torch_dist.is_initialized():
+        extra: dict[str, Any] = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
-                                      **_attempt_store())
+                                      **_attempt_store(), **extra)
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def join(device: str, backend: str = "auto", timeout_s: float | None = None) -> tuple[torch.device, DistInfo]:
+    """This process's device (``cuda:<local rank>`` for ``auto``/``cuda`` under torchrun) and
+    its place in the process group: what an evaluation command needs to run on N processes."""
+    dev = resolve_device(device, local_rank_from_env())
+    return dev, init_distributed(backend, dev, timeout_s=timeout_s)
 
 
 def _attempt_store() -> dict[str, Any]:
@@ -152,14 +162,44 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return t
+    t = t.clone()
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return t
+
+
+def all_gather(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``[world_size, *t.shape]``: every rank's ``t`` (the same shape on every rank)."""
+    if not info.enabled:
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(info.world_size)]
+    torch_dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+def shard_rows(loader: Any) -> tuple[torch.Tensor, int]:
+    """``(real, total)`` for the rows an evaluation loader yields on this rank, in order:
+    ``real`` is a bool mask that is False for the padding its sampler repeats to give every
+    rank as many samples (:mod:`fastsiam.data.sampler`), ``total`` the dataset's size, so a
+    sharded evaluation counts every image exactly once."""
+    s = loader.sampler
+    n = len(s.rank_indices())
+    return torch.arange(n) * s.world_size + s.rank < s.num_samples, s.num_samples
+
+
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return t
     t = t.clone()
     torch_dist.all_reduce(t)
     return t / info.world_size
-
-
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastsiam import dist
 from fastsiam.augment import to_normalized
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config
 from fastsiam.data import EvalBatch, build_loader_from_config
-from fastsiam.dist import resolve_device
+from fastsiam.dist import DistInfo
 from fastsiam.metrics import progress
 from fastsiam.weights import load_pretrained
 
@@ -102,10 +103,47 @@ def _num_images(loader: object) -> int | None:
     """Images per epoch when the loader can tell (for the progress bar's total)."""
     sampler = getattr(loader, "sampler", None)
     n = getattr(sampler, "num_samples", None)
-    return int(n) if isinstance(n, int) else None
+    if not isinstance(n, int):
+        return None
+    return -(-n // int(getattr(sampler, "world_size", 1)))  # this rank's share, padding included
+
+
+def _check_bank(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, num_classes: int) -> None:
+    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"features must be [N, D] and [M, D]; got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
+    if len(train_labels) != len(train_feats):
+        raise ValueError(f"{len(train_feats)} training features but {len(train_labels)} labels")
+    if train_labels.numel() and int(train_labels.max()) >= num_classes:
+        raise ValueError(f"label {int(train_labels.max())} out of range for num_classes={num_classes}")
 
 
 @torch.no_grad()
+def knn_neighbours(bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int,
+                   chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``(similarity, label)`` of each query's ``k`` most cosine-similar bank rows, ``[M, k]``
+    each, most similar first (fewer columns when the bank is smaller). Queries go
+    ``chunk_size`` at a time, so the ``[chunk, N]`` similarity matrix bounds memory."""
+    k = min(k, len(bank))
+    bank = F.normalize(bank.float(), dim=1)
+    bank_labels = bank_labels.to(bank.device).long()
+    sims, labels = [], []
+    for start in range(0, len(queries), chunk_size):
+        q = F.normalize(queries[start:start + chunk_size].to(bank.device).float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        sims.append(sim)
+        labels.append(bank_labels[idx])
+    if not sims:
+        return torch.zeros(0, k, device=bank.device), torch.zeros(0, k, dtype=torch.long, device=bank.device)
+    return torch.cat(sims), torch.cat(labels)
+
+
+def knn_vote(sim: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """Class scores ``[M, num_classes]``: each neighbour votes for its label with weight
+    ``exp(sim / temperature)`` (InstDisc); ``-inf`` similarities (no neighbour) weigh 0."""
+    votes = torch.zeros(len(sim), num_classes, device=sim.device)
+    return votes.scatter_add_(1, labels, (sim / temperature).exp())
+
+
 def knn_predict(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -121,35 +159,26 @@ def knn_predict(
     with weight ``exp(sim / temperature)``. Test features are processed ``chunk_size`` at a
     time so the ``[chunk, N]`` similarity matrix bounds memory (N = 1.28 M for ImageNet).
     """
-    if train_feats.dim() != 2 or test_feats.dim() != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be [N, D] and [M, D]; got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
-    if len(train_labels) != len(train_feats):
-        raise ValueError(f"{len(train_feats)} training features but {len(train_labels)} labels")
-    if train_labels.numel() and int(train_labels.max()) >= num_classes:
-        raise ValueError(f"label {int(train_labels.max())} out of range for num_classes={num_classes}")
-    k = min(k, len(train_feats))
-    bank = F.normalize(train_feats.float(), dim=1)
-    bank_labels = train_labels.to(bank.device).long()
-    scores = []
-    for start in range(0, len(test_feats), chunk_size):
-        q = F.normalize(test_feats[start:start + chunk_size].to(bank.device).float(), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        weight = (sim / temperature).exp()
-        votes = torch.zeros(len(q), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[idx], weight)
-        scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=bank.device)
+    _check_bank(train_feats, train_labels, test_feats, num_classes)
+    sim, labels = knn_neighbours(train_feats, train_labels, test_feats, k, chunk_size)
+    return knn_vote(sim, labels, num_classes, temperature)
+
+
+def topk_hits(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> Tensor:
+    """How many rows have their label among the ``k`` highest scores, for each ``k`` (capped at
+    the number of classes): an int64 tensor ``[len(ks)]`` on the scores' device."""
+    labels = labels.to(scores.device)
+    order = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hit = order == labels[:, None]
+    return torch.stack([hit[:, : min(k, scores.shape[1])].any(dim=1).sum() for k in ks])
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
     """Percent of rows whose label is among the ``k`` highest scores, for each ``k``
     (``k`` is capped at the number of classes, so top-5 of a 4-class problem is 100)."""
-    labels = labels.to(scores.device)
     if len(labels) == 0:
         raise ValueError("no samples to score")
-    order = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hit = order == labels[:, None]
-    return [hit[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() * 100.0 for k in ks]
+    return [h * 100.0 / len(labels) for h in topk_hits(scores, labels, ks).tolist()]
 
 
 def knn_classify(
@@ -167,6 +196,35 @@ def knn_classify(
     return top1, top5
 
 
+def sharded_knn_classify(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, query_real: Tensor,
+    num_classes: int, k: int, temperature: float, info: DistInfo,
+) -> tuple[float, float]:
+    """:func:`knn_classify` when every rank holds a shard of the bank and of the queries (with
+    ``query_real`` False on its sampler's padding rows; the bank holds real rows only).
+
+    The queries are gathered (they are the small split); each rank finds every query's ``k``
+    nearest rows of its own bank shard, and the ranks' candidates are merged by similarity, so
+    no rank ever holds the whole bank and the result is one process's on the same features.
+    """
+    _check_bank(bank, bank_labels, queries, num_classes)
+    real = dist.all_gather(query_real.to(queries.device), info).flatten()
+    q = dist.all_gather(queries.float(), info).flatten(0, 1)[real]
+    q_labels = dist.all_gather(query_labels.to(queries.device), info).flatten()[real]
+    sim, labels = knn_neighbours(bank, bank_labels, q, k)
+    if sim.shape[1] < k:  # a bank shard smaller than k: pad with neighbours that weigh nothing
+        pad = k - sim.shape[1]
+        sim = F.pad(sim, (0, pad), value=float("-inf"))
+        labels = F.pad(labels, (0, pad))
+    sims = dist.all_gather(sim, info).permute(1, 0, 2).flatten(1)      # [M, world x k]
+    labs = dist.all_gather(labels, info).permute(1, 0, 2).flatten(1)
+    total = int(dist.all_reduce_sum(torch.tensor([len(bank)], device=bank.device), info).item())
+    sim, pick = sims.topk(min(k, total), dim=1)
+    scores = knn_vote(sim, labs.gather(1, pick), num_classes, temperature)
+    top1, top5 = topk_accuracy(scores, q_labels, (1, 5))
+    return top1, top5
+
+
 def knn_evaluate(
     model: nn.Module | FeatureFn,
     train_loader: Iterable[EvalBatch],
@@ -180,6 +238,7 @@ def knn_evaluate(
     num_classes: int | None = None,
     amp: str = "none",
     show_progress: bool = True,
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
     """kNN accuracy of ``model.extract_feat`` features: ``{"top1": %, "top5": %}``.
 
@@ -187,7 +246,11 @@ def knn_evaluate(
     ``val_loader`` the images to classify. The model is switched to eval mode for the
     duration and restored after. ``num_classes`` defaults to the loader's, else the largest
     label + 1. ``amp`` autocasts the forward passes on CUDA (features are kept in float32).
+    Under torchrun (``info`` of several ranks) the loaders are this rank's shards and every
+    rank gets the result (:func:`sharded_knn_classify`).
     """
+    info = info or DistInfo()
+    show_progress = show_progress and info.is_main
     was_training = getattr(model, "training", None)
     if isinstance(model, nn.Module):
         model.eval()
@@ -200,8 +263,18 @@ def knn_evaluate(
         if isinstance(model, nn.Module) and was_training is not None:
             model.train(was_training)
     if num_classes is None:
-        num_classes = getattr(train_loader, "num_classes", None) or int(max(bank_labels.max(), labels.max())) + 1
-    top1, top5 = knn_classify(bank, bank_labels, feats, labels, num_classes, k, temperature)
+        num_classes = getattr(train_loader, "num_classes", None)
+    if num_classes is None:
+        top = torch.stack([bank_labels.max(), labels.max()]).max()
+        num_classes = int(dist.all_reduce_max(top, info).item()) + 1
+    if not info.enabled:
+        top1, top5 = knn_classify(bank, bank_labels, feats, labels, num_classes, k, temperature)
+    else:
+        bank_real, _ = dist.shard_rows(train_loader)
+        query_real, _ = dist.shard_rows(val_loader)
+        keep = bank_real.to(bank.device)
+        top1, top5 = sharded_knn_classify(bank[keep], bank_labels[keep], feats, labels, query_real,
+                                          num_classes, k, temperature, info)
     return {"top1": top1, "top5": top5}
 
 
@@ -223,17 +296,19 @@ def run_knn(
     with center crops) as the memory bank and ``data.val_path`` classified.
 
     ``pretrained`` defaults to ``eval.pretrained``; any format of :mod:`fastsiam.weights`.
-    Returns ``{"top1", "top5"}`` in percent.
+    Returns ``{"top1", "top5"}`` in percent, on every rank under torchrun (each extracts its
+    shard of the bank and of the queries).
     """
     pretrained = pretrained or cfg.eval.pretrained
     if not pretrained:
         raise ValueError("kNN evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
-    dev = resolve_device(str(device or cfg.train.device))
-    bank = build_loader_from_config(cfg.data, split="val", device=dev, path=cfg.data.train_path)
-    val = build_loader_from_config(cfg.data, split="val", device=dev)
+    dev, info = dist.join(str(device or cfg.train.device), cfg.dist.backend, cfg.dist.timeout_s)
+    shard = {"device": dev, "rank": info.rank, "world_size": info.world_size}
+    bank = build_loader_from_config(cfg.data, split="val", path=cfg.data.train_path, **shard)
+    val = build_loader_from_config(cfg.data, split="val", **shard)
     model = LinearClassifier(cfg.model.backbone, 1, cfg.model.small_input)  # its fc is unused
     load_pretrained(model, pretrained, parts=("backbone",))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     return knn_evaluate(model, bank, val, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                         device=dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
-                        show_progress=show_progress)
+                        show_progress=show_progress, info=info)

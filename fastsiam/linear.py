@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastsiam import checkpoint as ckpt
+from fastsiam import dist
 from fastsiam.augment.functional import hflip
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
-from fastsiam.dist import launched_by_torchrun, resolve_device
-from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_view, topk_accuracy
+from fastsiam.dist import DistInfo
+from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_view, topk_hits
 from fastsiam.io import atomic_open
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.optim import build_optimizer, build_schedule
@@ -69,19 +69,29 @@ def evaluate_classifier(
     std: Sequence[float],
     amp: str = "none",
     show_progress: bool = True,
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 (percent) of a classifier over an :class:`EvalBatch` loader, and the
-    number of images scored (``num_samples``)."""
+    number of images scored (``num_samples``). Under torchrun (``info`` of several ranks) the
+    loader is this rank's shard: its sampler's padding is not scored and the ranks' hits are
+    summed, so every image counts once and every rank gets the result."""
     device = torch.device(device)
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
     try:
         logits, labels = extract_features(classifier_logits_fn(model, device, amp), loader, device,
-                                          mean=mean, std=std, desc="test", show_progress=show_progress)
+                                          mean=mean, std=std, desc="test", show_progress=show_progress and info.is_main)
     finally:
         model.train(was_training)
-    top1, top5 = topk_accuracy(logits, labels, (1, 5))
-    return {"top1": top1, "top5": top5, "num_samples": len(labels)}
+    if info.enabled:
+        real = dist.shard_rows(loader)[0].to(logits.device)
+        logits, labels = logits[real], labels[real]
+    counts = torch.cat([topk_hits(logits, labels, (1, 5)), torch.tensor([len(labels)], device=logits.device)])
+    hits1, hits5, n = dist.all_reduce_sum(counts, info).tolist()
+    if n == 0:
+        raise ValueError("no samples to score")
+    return {"top1": hits1 * 100.0 / n, "top5": hits5 * 100.0 / n, "num_samples": n}
 
 
 def train_linear(
@@ -95,25 +105,35 @@ def train_linear(
     checkpoint_path: Path,
     show_progress: bool = True,
     resume_state: dict[str, Any] | None = None,
+    info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """The linear-evaluation loop: train ``model.fc`` on frozen features, score val each epoch.
 
     Each optimizer step sees ``train.accumulate_steps`` micro-batches of ``data.batch_size``
-    (their mean loss), and the lr is ``optim.lr x (micro-batch x accumulate_steps) / 256``; an
-    epoch's micro-batches past the last full accumulation are not used (as ``drop_last``
-    drops a partial batch). After every epoch the classifier is scored on ``val_loader`` and
-    written to ``checkpoint_path`` with what :func:`run_linear` needs to resume.
+    on each process (their mean loss), and the lr is ``optim.lr x global batch / 256`` with
+    the global batch ``data.batch_size x accumulate_steps x processes``; an epoch's
+    micro-batches past the last full accumulation are not used (as ``drop_last`` drops a
+    partial batch). After every epoch the classifier is scored on ``val_loader`` and written
+    to ``checkpoint_path`` (by rank 0) with what :func:`run_linear` needs to resume.
+
+    Under torchrun the head's gradients are averaged over the ranks before each step (what DDP
+    would do; by hand because only the head trains and accumulation decides when), and each
+    sample's flip is drawn for its place in the global epoch order, so N processes of batch
+    b take the same steps as one process of batch N x b.
 
     Args:
         resume_state: the ``train_state`` of a checkpoint written by this loop: training
             continues after its epoch (the model's weights must already be loaded).
+        info: this process's place under torchrun (default: a single process).
 
     Returns ``{"top1", "top5", "epoch", "step", "loss", "checkpoint"}`` of the last epoch.
     """
+    info = info or DistInfo()
+    show_progress = show_progress and info.is_main
     model.freeze_backbone()
     model.train()
     micro, accumulate = cfg.data.batch_size, cfg.train.accumulate_steps
-    batch = micro * accumulate
+    batch = micro * accumulate * info.world_size  # the global batch of one optimizer step
     lr = cfg.optim.lr * batch / 256
     steps_per_epoch = len(train_loader) // accumulate
     if steps_per_epoch == 0:
@@ -132,8 +152,10 @@ def train_linear(
         flip_generator.set_state(resume_state["flip_rng"])
         ckpt.set_rng_state(resume_state["rng"])
         first_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
-    log.info("linear evaluation of %s on %s: %d x %d images/step, lr %.4g, %d steps/epoch, work dir %s",
-             cfg.model.backbone, device, accumulate, micro, lr, steps_per_epoch, checkpoint_path.parent)
+    if info.is_main:
+        log.info("linear evaluation of %s on %s: %d x %d images/step, lr %.4g, %d steps/epoch, work dir %s",
+                 cfg.model.backbone, device, info.world_size * accumulate, micro, lr, steps_per_epoch,
+                 checkpoint_path.parent)
     mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     result: dict[str, Any] = {}
@@ -147,7 +169,10 @@ def train_linear(
             steps_done = 0
             # The epoch's flips, drawn on the host (so they do not depend on the device) and
             # copied once: a copy per batch would make the host wait for the device each time.
-            flips = (torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5).to(device)
+            # One flip per place in the global order, this rank's places at r, r + w, ...
+            # (the sampler's split), so the draws do not depend on the number of processes.
+            flips = torch.rand(steps_per_epoch * batch, generator=flip_generator) < 0.5
+            flips = flips[info.rank::info.world_size].to(device)
             for i, crops in enumerate(train_loader):
                 if step >= total or i >= steps_per_epoch * accumulate:
                     break
@@ -164,15 +189,18 @@ def train_linear(
                 loss = F.cross_entropy(model.fc(feats.float()), crops.label.to(device)) / accumulate
                 loss.backward()
                 loss_sum += loss.detach()
-                bar.update(len(x))
+                bar.update(len(x) * info.world_size)
                 if (i + 1) % accumulate:
                     continue
+                if info.enabled:
+                    for p in model.fc.parameters():
+                        p.grad = dist.all_reduce_mean(p.grad, info)  # type: ignore[arg-type]
                 schedule.set(step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps_done += 1
                 step += 1
-            mean_loss = (loss_sum / max(steps_done, 1)).item()
+            mean_loss = (dist.all_reduce_mean(loss_sum, info) / max(steps_done, 1)).item()
             if not math.isfinite(mean_loss):
                 raise TrainingError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; lower optim.lr "
                                     f"(last.pt holds epoch {epoch})")
@@ -181,15 +209,17 @@ def train_linear(
             scores = {"top1": None, "top5": None}
             if val_loader is not None:
                 scores = evaluate_classifier(model, val_loader, device, mean=mean, std=std, amp=amp,
-                                             show_progress=False)
+                                             show_progress=False, info=info)
                 record.update({"top1": scores["top1"], "top5": scores["top5"]})
             logger.log(record)
             train_state = {"optimizer": optimizer.state_dict(), "flip_rng": flip_generator.get_state(),
                            "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step}
-            save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
-                                   classes=getattr(train_loader, "classes", None),
-                                   top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1,
-                                   train_state=train_state)
+            if info.is_main:
+                save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
+                                       classes=getattr(train_loader, "classes", None),
+                                       top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1,
+                                       train_state=train_state)
+            dist.barrier(info)  # a rank that stops here finds the epoch's file complete
             bar.set_postfix(loss=f"{mean_loss:.4f}",
                             top1=f"{scores['top1']:.2f}" if scores["top1"] is not None else None)
             result = {"top1": scores["top1"], "top5": scores["top5"], "epoch": epoch + 1, "step": step,
@@ -226,14 +256,15 @@ def run_linear(
     pretrained = pretrained or cfg.eval.pretrained
     if not pretrained:
         raise ValueError("linear evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
-    dev = resolve_device(str(device or cfg.train.device))
-    _single_process("linear")
+    dev, info = dist.join(str(device or cfg.train.device), cfg.dist.backend, cfg.dist.timeout_s)
     wd = Path(work_dir or cfg.output.work_dir or Path("work_dirs") / cfg.name)
     ckpt_path = wd / LINEAR_CHECKPOINT
     resume_from = _resume_file(resume, ckpt_path)
+    dist.barrier(info)  # every rank has looked before rank 0 writes anything
     torch.manual_seed(cfg.train.seed)
-    train_loader = build_loader_from_config(cfg.data, split="train", device=dev, seed=cfg.train.seed)
-    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)  # the score is the point
+    shard = {"device": dev, "rank": info.rank, "world_size": info.world_size}
+    train_loader = build_loader_from_config(cfg.data, split="train", seed=cfg.train.seed, **shard)
+    val_loader = build_loader_from_config(cfg.data, split="val", **shard)  # the score is the point
     model = _classifier_for(cfg, train_loader, cfg.data.train_path, exact=True)
     raw = cfg.to_dict()
     raw["task"] = "linear"  # what the run's checkpoint holds, whichever config started it
@@ -247,16 +278,17 @@ def run_linear(
     else:
         load_pretrained(model, pretrained, parts=("backbone",))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-    wd.mkdir(parents=True, exist_ok=True)
-    with atomic_open(wd / CONFIG_FILE, "w") as f:
-        f.write(resolved.to_yaml())
-    logger = RunLogger(wd)
+    if info.is_main:
+        wd.mkdir(parents=True, exist_ok=True)
+        with atomic_open(wd / CONFIG_FILE, "w") as f:
+            f.write(resolved.to_yaml())
+    logger = RunLogger(wd, enabled=info.is_main)
     try:
         if state is not None:
             logger.log({"event": "resumed", "from": str(resume_from), "epoch": state["epoch"]})
         res = train_linear(model, train_loader, val_loader, resolved, device=dev, logger=logger,
                            checkpoint_path=ckpt_path, show_progress=show_progress,
-                           resume_state=state["train_state"] if state is not None else None)
+                           resume_state=state["train_state"] if state is not None else None, info=info)
     finally:
         logger.close()
     if not res:  # resumed a finished run: its last epoch is the result
@@ -302,15 +334,17 @@ def run_test(
 
     ``checkpoint`` is a linear classifier in any format :mod:`fastsiam.weights` reads
     (fastsiam-linear, official ``main_lincls``, mmpretrain ``backbone`` + ``head.fc``,
-    torchvision with ``fc``). Returns ``{"top1", "top5", "num_samples"}``.
+    torchvision with ``fc``). Returns ``{"top1", "top5", "num_samples"}``; under torchrun the
+    val split is sharded and every rank gets the whole split's result.
     """
-    dev = resolve_device(str(device or cfg.train.device))
-    val_loader = build_loader_from_config(cfg.data, split="val", device=dev)
+    dev, info = dist.join(str(device or cfg.train.device), cfg.dist.backend, cfg.dist.timeout_s)
+    val_loader = build_loader_from_config(cfg.data, split="val", device=dev, rank=info.rank,
+                                          world_size=info.world_size)
     model = _classifier_for(cfg, val_loader, str(cfg.data.val_path), exact=False)
     load_pretrained(model, checkpoint, parts=("backbone", "fc"))
     model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
     return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
-                               show_progress=show_progress)
+                               show_progress=show_progress, info=info)
 
 
 def _classifier_for(cfg: Config, loader: Loader, data: str, exact: bool) -> LinearClassifier:
@@ -328,7 +362,3 @@ def _classifier_for(cfg: Config, loader: Loader, data: str, exact: bool) -> Line
                          f"(or null: the data's count)")
     return LinearClassifier(cfg.model.backbone, n, cfg.model.small_input)
 
-
-def _single_process(what: str) -> None:
-    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"fastsiam {what} runs as a single process (one GPU); launch it without torchrun")

@@ -122,7 +122,8 @@ class Trainer:
         # A captured step (train.step=graph on CUDA) captures DDP's all-reduce too, which asks
         # for settings made before the process group and the DDP wrapper exist (fastsiam.dist).
         capture = cfg.train.step == "graph" and self.device.type == "cuda"
-        self.dist = dist.init_distributed(cfg.dist.backend, self.device, capture=capture)
+        self.dist = dist.init_distributed(cfg.dist.backend, self.device, capture=capture,
+                                          timeout_s=cfg.dist.timeout_s)
         self._seed_everything(cfg.train.seed + self.dist.rank)
         if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # Leave a core to each loader worker: oversubscribed OpenMP threads spin against the
@@ -448,32 +449,33 @@ class Trainer:
     # helpers
 
     def _knn(self, label: str) -> dict[str, float]:
-        """The kNN monitor on data.val_path (rank 0 computes; the others wait)."""
+        """The kNN monitor on data.val_path: every rank extracts its shard of the bank and of
+        the queries (:func:`fastsiam.evaluate.knn_evaluate`), so the ranks share the work and
+        none waits at a barrier while one extracts everything."""
         from fastsiam.evaluate import knn_evaluate
 
-        res: dict[str, float] = {}
-        if self.dist.is_main:
-            if not self.cfg.data.val_path:
-                raise TrainingError("eval.knn_every > 0 needs data.val_path (the split to classify)")
-            if self._knn_loaders is None:
-                common = {"device": self.device, "seed": self.cfg.train.seed}
-                self._knn_loaders = (
-                    build_loader_from_config(self.cfg.data, split="val", path=self.cfg.data.train_path, **common),
-                    build_loader_from_config(self.cfg.data, split="val", **common),
-                )
-            was_training = self.model.training
-            self.model.eval()
-            res = knn_evaluate(
-                self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
-                temperature=self.cfg.eval.knn_temperature, device=self.device,
-                mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp,
+        if not self.cfg.data.val_path:
+            raise TrainingError("eval.knn_every > 0 needs data.val_path (the split to classify)")
+        if self._knn_loaders is None:
+            common = {"device": self.device, "seed": self.cfg.train.seed, "rank": self.dist.rank,
+                      "world_size": self.dist.world_size}
+            self._knn_loaders = (
+                build_loader_from_config(self.cfg.data, split="val", path=self.cfg.data.train_path, **common),
+                build_loader_from_config(self.cfg.data, split="val", **common),
             )
-            self.model.train(was_training)
-            self._knn_step = self.step
-            self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
-                             **{f"knn_{k}": v for k, v in res.items()}})
+        was_training = self.model.training
+        self.model.eval()
+        res = knn_evaluate(
+            self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
+            temperature=self.cfg.eval.knn_temperature, device=self.device,
+            mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist,
+        )
+        self.model.train(was_training)
+        self._knn_step = self.step
+        self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
+                         **{f"knn_{k}": v for k, v in res.items()}})
+        if self.dist.is_main:
             log.info("kNN (%s): %s", label, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
-        dist.barrier(self.dist)
         return res
 
     def _prepare_work_dir(self) -> None:

@@ -28,7 +28,7 @@ def test_torchrun_two_processes(toy_imagenet: Path, tmp_path: Path) -> None:
         "--config", str(REPO / "configs/simsiam_resnet18_toy-demo.yaml"), "--work-dir", str(wd),
         "--max-steps", "4", "data.backend=pil", f"data.train_path={toy_imagenet / 'train'}", f"data.val_path={toy_imagenet / 'val'}",
         "data.batch_size=8", "data.workers=0", "data.image_size=32", "model.dim=64", "model.pred_dim=16",
-        "optim.lr=0.4", "train.log_every=1", "eval.knn_every=0", "train.epochs=2",
+        "optim.lr=0.4", "train.log_every=1", "eval.knn_every=1", "eval.knn_k=5", "train.epochs=2",
         "model.sync_bn=true",  # fastsiam's SyncBatchNorm, over gloo
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -40,6 +40,14 @@ def test_torchrun_two_processes(toy_imagenet: Path, tmp_path: Path) -> None:
     assert state["world_size"] == 2 and state["step"] == 4 and state["epoch"] == 1
     assert state["loader"] == {"epoch": 1, "start_batch": 1}
     steps = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    # the kNN monitor ran on both ranks' shards: the final weights' figure is one process's
+    knn = [r for r in steps if r.get("event") == "knn"]
+    assert [r["label"] for r in knn] == ["random init", "epoch 1", "final, step 4"]
+    single = subprocess.run([sys.executable, "-m", "fastsiam", "knn", *cmd[cmd.index("--config"):cmd.index("--config") + 2],
+                             "--pretrained", str(wd / "step_00000004.pt"), *cmd[cmd.index("--max-steps") + 2:]],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert f"top-1 {knn[-1]['knn_top1']:.2f}%  top-5 {knn[-1]['knn_top5']:.2f}%" in single.stdout
     steps = [r for r in steps if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]          # rank 0 alone writes
     assert steps[0]["lr"] == pytest.approx(0.4 * 16 / 256)      # scaled by the global batch
