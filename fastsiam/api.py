@@ -83,10 +83,9 @@ class SimSiamModel(SimSiam):
 
 
 def config_dir() -> Path:
-    """The folder holding the model card's configs (the repository's ``configs/``)."""
-    import fastsiam
-
-    return Path(fastsiam.__file__).resolve().parent.parent / "configs"
+    """The folder holding the model card's configs: ``fastsiam/configs``, in a checkout a link
+    to the repository's ``configs/``, in an installed wheel a copy."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def list_models(pattern: str | None = None) -> list[str]:
