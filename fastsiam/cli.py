@@ -84,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: task is {cfg.task!r}, a linear-evaluation config; "
                           f"run it with fastsiam linear (fastsiam train pretrains)")
 
-    from fastsiam.trainer import Trainer, default_work_dir
+    from fastsiam.runtime import default_work_dir
+    from fastsiam.trainer import Trainer
 
     _check_work_dir(default_work_dir(cfg), from_flag=bool(args.work_dir))
     trainer = Trainer(cfg, resume=args.resume, resume_changed=args.resume_changed)
@@ -129,7 +130,9 @@ def cmd_linear(args: argparse.Namespace) -> int:
     cfg = _load(args, extra)
     if args.print_config:
         return _print_config_and_exit(cfg)
-    _check_work_dir(cfg.output.work_dir or Path("work_dirs") / cfg.name, from_flag=bool(args.work_dir))
+    from fastsiam.runtime import default_work_dir
+
+    _check_work_dir(default_work_dir(cfg), from_flag=bool(args.work_dir))
     from fastsiam.linear import run_linear
 
     res = run_linear(cfg, cfg.eval.pretrained, resume=args.resume)

@@ -27,6 +27,7 @@ from fastsiam.config import Config
 from fastsiam.data import EvalBatch, build_loader_from_config
 from fastsiam.dist import DistInfo
 from fastsiam.metrics import progress
+from fastsiam.runtime import AMP_DTYPES, memory_format
 from fastsiam.weights import load_pretrained
 
 FeatureFn = Callable[[Tensor], Tensor]
@@ -283,7 +284,7 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     (the CPU runs float32, so CPU results never depend on a reduced-precision path)."""
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
 
 
 def run_knn(
@@ -308,7 +309,7 @@ def run_knn(
     val = build_loader_from_config(cfg.data, split="val", **shard)
     model = LinearClassifier(cfg.model.backbone, 1, cfg.model.small_input)  # its fc is unused
     load_pretrained(model, pretrained, parts=("backbone",))
-    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    model.to(dev, memory_format=memory_format(cfg.train.channels_last))
     return knn_evaluate(model, bank, val, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                         device=dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
                         show_progress=show_progress, info=info)

@@ -40,6 +40,7 @@ from fastsiam.io import atomic_open
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import Change, config_changes
+from fastsiam.runtime import default_work_dir, memory_format, scaled_lr
 from fastsiam.trainer import TrainingError
 from fastsiam.weights import load_pretrained, save_linear_checkpoint
 
@@ -134,7 +135,7 @@ def train_linear(
     model.train()
     micro, accumulate = cfg.data.batch_size, cfg.train.accumulate_steps
     batch = micro * accumulate * info.world_size  # the global batch of one optimizer step
-    lr = cfg.optim.lr * batch / 256
+    lr = scaled_lr(cfg.optim.lr, batch)
     steps_per_epoch = len(train_loader) // accumulate
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(train_loader)} batches of {micro}, fewer than "
@@ -157,7 +158,7 @@ def train_linear(
                  cfg.model.backbone, device, info.world_size * accumulate, micro, lr, steps_per_epoch,
                  checkpoint_path.parent)
     mean, std, amp = cfg.aug.mean, cfg.aug.std, cfg.train.amp
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg.train.channels_last)
     result: dict[str, Any] = {}
     bar = progress(total * batch, step * batch, "linear", show_progress)
     try:
@@ -182,7 +183,7 @@ def train_linear(
                                      "float views; for the pil backend set data.options.augment=crop")
                 flip = flips[i * micro:i * micro + len(view)]
                 x = normalize_view(hflip(view.to(device), flip), mean, std)
-                x = x.contiguous(memory_format=memory_format)
+                x = x.contiguous(memory_format=fmt)
                 with torch.no_grad(), autocast(device, amp):
                     feats = model.backbone(x)
                 # the mean over the whole accumulated batch, as one batch of micro x accumulate
@@ -257,7 +258,7 @@ def run_linear(
     if not pretrained:
         raise ValueError("linear evaluation needs pretrained weights: pass --pretrained or set eval.pretrained")
     dev, info = dist.join(str(device or cfg.train.device), cfg.dist.backend, cfg.dist.timeout_s)
-    wd = Path(work_dir or cfg.output.work_dir or Path("work_dirs") / cfg.name)
+    wd = Path(work_dir) if work_dir else default_work_dir(cfg)
     ckpt_path = wd / LINEAR_CHECKPOINT
     resume_from = _resume_file(resume, ckpt_path)
     dist.barrier(info)  # every rank has looked before rank 0 writes anything
@@ -277,7 +278,7 @@ def run_linear(
         model.load_state_dict(state["model"])  # the backbone it trained on and its head
     else:
         load_pretrained(model, pretrained, parts=("backbone",))
-    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    model.to(dev, memory_format=memory_format(cfg.train.channels_last))
     if info.is_main:
         wd.mkdir(parents=True, exist_ok=True)
         with atomic_open(wd / CONFIG_FILE, "w") as f:
@@ -342,7 +343,7 @@ def run_test(
                                           world_size=info.world_size)
     model = _classifier_for(cfg, val_loader, str(cfg.data.val_path), exact=False)
     load_pretrained(model, checkpoint, parts=("backbone", "fc"))
-    model.to(dev, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    model.to(dev, memory_format=memory_format(cfg.train.channels_last))
     return evaluate_classifier(model, val_loader, dev, mean=cfg.aug.mean, std=cfg.aug.std, amp=cfg.train.amp,
                                show_progress=show_progress, info=info)
 

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import simsiam_loss, z_std
 from fastsiam.optim import _DeviceLROptimizer
+from fastsiam.runtime import AMP_DTYPES, memory_format
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 MODES = ("eager", "graph")
 DDP_WARMUP_ITERS = 11  # PyTorch's requirement before capturing DDP
 WARMUP_ITERS = 3
@@ -121,8 +121,8 @@ class LossScaler:
 
 
 def _resolve_amp(amp: str, device: torch.device) -> str:
-    if amp not in AMP:
-        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         warnings.warn(f"amp=fp16 needs CUDA; running in fp32 on {device} (use amp=bf16 on the CPU)",
                       stacklevel=3)
@@ -132,7 +132,7 @@ def _resolve_amp(amp: str, device: torch.device) -> str:
 
 def _set_memory_format(model: nn.Module, channels_last: bool) -> None:
     """Put the 4-D weights in the requested layout (a no-op when they already are)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = memory_format(channels_last)
     if all(p.is_contiguous(memory_format=fmt) for p in model.parameters() if p.dim() == 4):
         return
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -169,7 +169,7 @@ class Step:
         self.augment = augment
         self.device = torch.device(device)
         self.amp = _resolve_amp(amp, self.device)
-        self.dtype = AMP[self.amp]
+        self.dtype = AMP_DTYPES[self.amp]
         self.channels_last = channels_last
         self.autocast_cache = True
         _set_memory_format(model, channels_last)
@@ -196,7 +196,7 @@ class Step:
     def _prepare(self, view: Tensor) -> Tensor:
         if self.dtype is None and view.dtype != torch.float32:
             view = view.float()
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = memory_format(self.channels_last)
         return view.contiguous(memory_format=fmt)
 
     def _run(self, batch: TwoViewBatch) -> StepOutput:

@@ -40,6 +40,7 @@ from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes, restart_batch
+from fastsiam.runtime import AMP_DTYPES, default_work_dir, memory_format, scaled_lr
 from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm
 from fastsiam.weights import WeightsError, check_resumable
@@ -65,10 +66,6 @@ class TrainResult:
     knn: dict[str, float] = field(default_factory=dict)          # kNN of the final weights
     knn_random_init: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
-
-
-def default_work_dir(cfg: Config) -> Path:
-    return Path(cfg.output.work_dir or Path("work_dirs") / cfg.name)
 
 
 class _StopSignal:
@@ -150,8 +147,8 @@ class Trainer:
         if cfg.eval.knn_every and not self.knn_every and self.dist.is_main:
             log.info("eval.knn_every: no kNN monitor on the %s backend's random labels", cfg.data.backend)
         self.model = SimSiam(cfg.model.backbone, cfg.model.dim, cfg.model.pred_dim, cfg.model.small_input)
-        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        self.model.to(self.device, memory_format=memory_format)
+        fmt = memory_format(cfg.train.channels_last)
+        self.model.to(self.device, memory_format=fmt)
         self.train_module: nn.Module = self.model
         if self.dist.enabled:
             if cfg.model.sync_bn:
@@ -162,13 +159,13 @@ class Trainer:
                              self.dist.world_size)
             self.train_module = dist.wrap_ddp(self.model, self.device, capture=capture)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
-        self.peak_lr = cfg.optim.lr * self.global_batch / 256
+        self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, lr=self.peak_lr, device=self.device)
         self.schedule = build_schedule(
             cfg.schedule, self.optimizer, base_lr=self.peak_lr, epochs=cfg.train.epochs,
             steps_per_epoch=self.steps_per_epoch,
         )
-        out_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp, torch.float32)
+        out_dtype = AMP_DTYPES[cfg.train.amp] or torch.float32
         if self.device.type == "cpu" and out_dtype is torch.float16:
             out_dtype = torch.float32
         self.augment = SimSiamAugment.from_config(cfg.aug, out_dtype=out_dtype, channels_last=cfg.train.channels_last)
