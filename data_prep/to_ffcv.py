@@ -78,6 +78,7 @@ from data_prep.sources import (
     source_from_args,
     verify_indices,
 )
+from fastsiam.data.beton import side_file
 from fastsiam.io import remove_partials
 
 FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt packages "
@@ -85,11 +86,6 @@ FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 MIN_PAGE_SIZE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE
 VERIFY_SIZE = 96  # side of the center crops compared in --verify
-
-
-def sidecar(out: Path, suffix: str) -> Path:
-    """``train.beton`` -> ``train.classes.json``: betons of one folder keep their own files."""
-    return out.with_name(f"{out.stem}.{suffix}")
 
 
 # ----------------------------------------------------------------------------- per image
@@ -463,7 +459,7 @@ def _write(out: Path, dataset: PreparedImages, fields: dict[str, Any], page_size
         sidecars = {**sidecars, "beton.json": make_checksum_record(tmp, out.name, len(dataset))}
         temps = [tmp]
         for suffix, data in sidecars.items():
-            temps.append(outputs.enter_context(atomic_path(sidecar(out, suffix))))
+            temps.append(outputs.enter_context(atomic_path(side_file(out, suffix))))
             temps[-1].write_bytes(data)
         make_readable(temps)
 
@@ -587,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['stored']['raw']} raw; {summary['bytes'] / 1e6:.1f} MB) to {out} in "
               f"{summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")
         print(f"skipped {summary['skipped']} files"
-              + (f" (listed in {sidecar(out, 'skipped.tsv')})" if summary["skipped"] else ""))
+              + (f" (listed in {side_file(out, 'skipped.tsv')})" if summary["skipped"] else ""))
         if args.verify:
             result = verify(out, summary["items"], max_resolution=max_resolution,
                             samples=args.verify_samples, workers=args.workers)

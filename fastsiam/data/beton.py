@@ -50,9 +50,20 @@ CHECKSUM_FORMAT = "fastsiam-beton-checksum"  # written by data_prep/to_ffcv.py
 CHECKSUM_VERSION = 1
 
 
+def side_file(path: Path, suffix: str) -> Path:
+    """``train.beton`` -> ``train.<suffix>``: the files data_prep/to_ffcv.py writes beside a
+    .beton (``classes.json``, ``skipped.tsv``, ``beton.json``); betons of one folder keep their own."""
+    return path.with_name(f"{path.stem}.{suffix}")
+
+
 def checksum_path(path: Path) -> Path:
     """``train.beton`` -> ``train.beton.json``, the converter's checksum record."""
-    return path.with_name(f"{path.stem}.beton.json")
+    return side_file(path, "beton.json")
+
+
+def classes_path(path: Path) -> Path:
+    """``train.beton`` -> ``train.classes.json``, the class names in label order."""
+    return side_file(path, "classes.json")
 
 
 def make_checksum_record(path: Path, name: str, num_samples: int) -> bytes:

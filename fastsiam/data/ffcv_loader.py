@@ -54,7 +54,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.data.beton import check_scratch, open_beton
+from fastsiam.data.beton import check_scratch, classes_path, open_beton
 from fastsiam.data.ffcv_ops import CenterCropDecoder, TwoCropDecoder, two_views
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
@@ -210,7 +210,7 @@ def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[st
     labels = reader.metadata[f"f{list(reader.handlers).index(label_field)}"]
     num_classes = int(labels.max()) + 1 if len(labels) else 0
     names = None
-    sidecar = path.with_name(f"{path.stem}.classes.json")
+    sidecar = classes_path(path)
     if sidecar.is_file():
         with open(sidecar) as f:
             data = json.load(f)
