@@ -15,6 +15,7 @@ monitor stay on the device until then, so a fast step is never stalled by loggin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ import fastsiam
 from fastsiam import checkpoint as ckpt
 from fastsiam import dist
 from fastsiam.augment import SimSiamAugment
-from fastsiam.config import Config
+from fastsiam.config import AugConfig, Config
 from fastsiam.data import build_loader_from_config, makes_data_up
 from fastsiam.io import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
@@ -66,6 +67,25 @@ class TrainResult:
     knn: dict[str, float] = field(default_factory=dict)          # kNN of the final weights
     knn_random_init: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+
+
+def _refuse_what_pretraining_would_ignore(cfg: Config) -> None:
+    """Settings this run would silently not apply are one-line errors instead."""
+    if cfg.train.accumulate_steps != 1:
+        # Each micro-batch would normalize by its own BatchNorm statistics: not the step of
+        # the larger batch, unlike linear evaluation's frozen backbone.
+        raise TrainingError(f"train.accumulate_steps={cfg.train.accumulate_steps}: SimSiam pretraining "
+                            f"takes no gradient accumulation (its BatchNorm sees each micro-batch alone); "
+                            f"set data.batch_size, or add GPUs with torchrun")
+    if cfg.data.backend == "pil" and cfg.data.options.get("augment", "full") == "full":
+        # The PIL reference is the official main_simsiam.py recipe, written out in torchvision.
+        default = AugConfig()
+        changed = [f"aug.{f.name}={getattr(cfg.aug, f.name)!r}" for f in dataclasses.fields(AugConfig)
+                   if getattr(cfg.aug, f.name) != getattr(default, f.name)]
+        if changed:
+            raise TrainingError(f"data.backend=pil augments in PIL with the official SimSiam recipe, which "
+                                f"ignores {', '.join(changed)}; set data.options.augment=crop (PIL crops, "
+                                f"the aug.* recipe on the device) or drop those keys")
 
 
 class _StopSignal:
@@ -103,12 +123,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, work_dir: str | Path | None = None, resume: str | None = None,
                  resume_changed: bool = False):
-        if cfg.train.accumulate_steps != 1:
-            # Each micro-batch would normalize by its own BatchNorm statistics: not the step of
-            # the larger batch, unlike linear evaluation's frozen backbone.
-            raise TrainingError(f"train.accumulate_steps={cfg.train.accumulate_steps}: SimSiam pretraining "
-                                f"takes no gradient accumulation (its BatchNorm sees each micro-batch alone); "
-                                f"set data.batch_size, or add GPUs with torchrun")
+        _refuse_what_pretraining_would_ignore(cfg)
         self.cfg = cfg
         self.work_dir = Path(work_dir) if work_dir else default_work_dir(cfg)
         self.resume = resume

@@ -167,13 +167,26 @@ def test_synthetic_backend_is_a_short_epoch_without_a_knn_monitor(tmp_path: Path
     assert [r.get("event") for r in records] == [None, "stopped"]  # one step record, no "knn" event
 
 
+# The pil backend runs the official recipe, not the demo's scaled blur: the demo config with it
+# sets the recipe's own values back.
+PIL_RECIPE = ["aug.blur_sigma=[0.1, 2.0]", "aug.blur_kernel_size=23"]
+
+
+def test_pil_backend_refuses_aug_keys_its_recipe_ignores(toy_imagenet: Path, tmp_path: Path) -> None:
+    args = _toy_train_args(toy_imagenet, tmp_path / "run")[:-len(PIL_RECIPE)]
+    err = one_line_error(fastsiam(*args, "--max-steps", "1"), "train")
+    assert "ignores aug.blur_sigma=[0.02, 0.38], aug.blur_kernel_size=5; set data.options.augment=crop" in err
+    proc = fastsiam(*args, "--max-steps", "1", "data.options={augment: crop}")  # crops in PIL, aug.* on the device
+    assert proc.returncode == 0, proc.stderr
+
+
 def _toy_train_args(toy: Path, work_dir: Path) -> list[str]:
     """A 3-step-epoch ResNet-18 pretraining on the toy data (48 images, batch 16)."""
     return ["train", "--config", str(DEMO), "--work-dir", str(work_dir), "--device", "cpu",
             f"data.train_path={toy / 'train'}",
             f"data.val_path={toy / 'val'}", "data.backend=pil", "data.batch_size=16", "data.workers=0",
             "data.image_size=32", "model.backbone=resnet18", "model.dim=64", "model.pred_dim=16",
-            "train.amp=none", "train.log_every=2", "eval.knn_k=5"]
+            "train.amp=none", "train.log_every=2", "eval.knn_k=5", *PIL_RECIPE]
 
 
 def test_a_log_gets_progress_lines_and_the_summary_the_final_weights(toy_imagenet: Path, tmp_path: Path) -> None:
