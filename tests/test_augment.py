@@ -108,6 +108,17 @@ def test_grayscale_flip_normalize_match_torchvision(device: str) -> None:
     assert to_normalized(u8, MEAN, STD, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_hflip_of_uint8_channels_last_views_is_exact() -> None:
+    # the loader's layout: NHWC uint8 seen as [B, 3, H, W]; odd width has a middle column
+    g = torch.Generator().manual_seed(3)
+    u8 = torch.randint(0, 256, (5, 7, 9, 3), generator=g, dtype=torch.uint8).permute(0, 3, 1, 2)
+    mask = torch.tensor([True, False, True, True, False])
+    got = AF.hflip(u8, mask)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, torch.where(mask.view(-1, 1, 1, 1), u8.flip(-1), u8))
+    assert torch.equal(AF.hflip(u8, torch.zeros(5, dtype=torch.bool)), u8)
+
+
 def test_ops_reject_bad_input() -> None:
     with pytest.raises(ValueError, match=r"adjust_hue: expected float images of shape \[B, 3, H, W\]"):
         AF.adjust_hue(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), 0.1)
@@ -449,3 +460,13 @@ def test_headline_call_traffic_on_fake_cuda() -> None:
     assert call["kernels"] <= 110 and call["device_bytes"] <= 12e9, call
     assert sum(r["device_bytes"] for r in report.rows[1:]) == call["device_bytes"]
     assert report.settings["compute_dtype"] == "float16"
+
+
+def test_small_call_traffic_on_fake_cuda() -> None:
+    """One call on 2 x 8 views at 64 px, bf16 out, holds the single-pass flip and the shorter
+    hue chain (before them: 103 kernels, 29.3 MB)."""
+    from benchmarks.augment import count
+
+    # numbers from count(8, 64, torch.bfloat16, 3.35e12).rows[0] after the change
+    call = count(8, 64, torch.bfloat16, 3.35e12).rows[0]
+    assert call["kernels"] <= 103 and call["device_bytes"] <= 27_917_910, call

@@ -103,11 +103,14 @@ def adjust_hue(img: Tensor, factor: Tensor | float) -> Tensor:
         torch.where(maxc == g, (b - r).add_(span, alpha=2.0), (r - g).add_(span, alpha=4.0)),
     )
     # Grey pixels (span 0) have num 0 and no hue; the clamp only avoids 0 / 0 there.
-    h = num.div_(span.clamp_min(torch.finfo(img.dtype).tiny))
-    h = h.add_(shift * 6.0).remainder_(6.0).unsqueeze(1)
+    # The per-channel offset n and the shift fold into one [B, 3, 1, 1] term, so the division
+    # writes the three channels' k = (n + 6 shift + h) mod 6 directly: one pass over the 1-plane
+    # hue instead of a divide, an add and a remainder on it.
     n = torch.arange(5, 0, -2, device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
-    k = (n + h).remainder_(6.0)
-    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    k = torch.addcdiv(n + shift.unsqueeze(1) * 6.0, num.unsqueeze(1),
+                      span.clamp_min(torch.finfo(img.dtype).tiny).unsqueeze(1)).remainder_(6.0)
+    # clamp(min(k, 4 - k), 0, 1) as min(clamp(4 - k, 0, 1), k): equal for k >= 0, bit for bit.
+    w = torch.minimum(torch.rsub(k, 4.0).clamp_(0.0, 1.0), k)
     return torch.addcmul(maxc.unsqueeze(1), span.unsqueeze(1), w, value=-1.0)
 
 
@@ -200,7 +203,13 @@ def hflip(img: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(f"hflip: expected images of shape [B, C, H, W], got {list(img.shape)}")
     if mask.shape != (img.shape[0],) or mask.dtype != torch.bool:
         raise ValueError(f"hflip: expected a bool mask of shape [{img.shape[0]}], got {mask.dtype} {list(mask.shape)}")
-    return torch.where(mask.view(-1, 1, 1, 1), img.flip(-1), img)
+    # One gather along W with a per-sample column index (reversed where flipped): one read and
+    # one write of the images, where flip + where read them twice and wrote them twice. The
+    # index is [B, 1, 1, W], expanded (no copy) to the image shape.
+    w = img.shape[-1]
+    cols = torch.arange(w, device=img.device)
+    index = torch.where(mask.view(-1, 1, 1, 1), (w - 1) - cols, cols)
+    return torch.gather(img, -1, index.expand(img.shape))
 
 
 def normalize(img: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:

@@ -37,8 +37,8 @@ Design choices:
 - Memory traffic. On a GPU these ops are memory bound. uint8 input is converted once to
   ``compute_dtype`` (float16 on CUDA for 16-bit output: half the bytes of float32), and the
   passes above are what eager mode needs: 2 x 256 views at 224 px, bf16 out, count 103
-  kernels and 11.1 GB (``benchmarks/augment.py --count``, fake CUDA; the blend formulation
-  with selects counted 169 and 31.3 GB), of which the hue rotation is 4.3 GB and the jitter
+  kernels and 10.6 GB (``benchmarks/augment.py --count``, fake CUDA; the blend formulation
+  with selects counted 169 and 31.3 GB), of which the hue rotation is 4.0 GB and the jitter
   slots 4.9. That is close to what separate eager kernels can do while staying exact: each
   of the six jitter slots needs its GEMM (read and write the batch), its clamp (torchvision
   clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma
