@@ -69,7 +69,7 @@ from fastsiam.benchmark import (  # noqa: E402
     reset_peak_memory,
     summarize,
 )
-from fastsiam.config import Config, load_config  # noqa: E402
+from fastsiam.config import AugConfig, Config, load_config  # noqa: E402
 from fastsiam.data import TwoViewBatch, build_loader_from_config  # noqa: E402
 from fastsiam.metrics import read_metrics  # noqa: E402
 from fastsiam.trainer import Trainer  # noqa: E402
@@ -145,6 +145,9 @@ class Run:
             over["model.dim"] = a.dim
         if a.pred_dim:
             over["model.pred_dim"] = a.pred_dim
+        # Every row runs the official recipe's sigma range, the one pil_full can run (the demo
+        # config's scaled blur would be refused there), so the rows compare like with like.
+        over["aug.blur_sigma"] = list(AugConfig().blur_sigma)
         if a.image_size != 224:  # the recipe's kernel is 10% of the side, odd (23 at 224 px)
             over["aug.blur_kernel_size"] = max(3, int(a.image_size * 0.1) // 2 * 2 + 1)
         return load_config(a.config, [f"{k}={_yaml(v)}" for k, v in over.items()])

@@ -31,7 +31,7 @@ def _train(tmp_path: Path, toy: Path, name: str, kill_after: str | None) -> tupl
         torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *entry, "train",
         "--config", str(REPO / "configs/simsiam_resnet18_toy-demo.yaml"), "--work-dir", str(wd),
         "--resume", "auto", "--deterministic", "--device", "cpu",
-        "data.backend=pil", "aug.blur_sigma=[0.1, 2.0]", "aug.blur_kernel_size=23", f"data.train_path={toy / 'train'}", f"data.val_path={toy / 'val'}",
+        "data.backend=pil", "aug.blur_sigma=[0.1, 2.0]", f"data.train_path={toy / 'train'}", f"data.val_path={toy / 'val'}",
         "data.batch_size=8", "data.workers=0", "data.image_size=32", "model.dim=64", "model.pred_dim=16",
         "train.log_every=1", "eval.knn_every=0", "train.epochs=4",
     ]
