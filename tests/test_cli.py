@@ -19,7 +19,7 @@ from fastsiam.config import load_config
 from fastsiam.model import SimSiam
 
 
-def test_export_gives_a_torchvision_resnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_gives_a_torchvision_resnet(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SimSiam("resnet18", dim=32, pred_dim=8)
     for m in model.modules():  # non-trivial BN statistics, so eval-mode features depend on them
@@ -30,8 +30,9 @@ def test_export_gives_a_torchvision_resnet(tmp_path: Path, capsys: pytest.Captur
     ckpt = tmp_path / "epoch_0001.pt"
     torch.save({"model": model.state_dict(), "config": load_config(None).to_dict(), "epoch": 1}, ckpt)
     out = tmp_path / "resnet18.pt"
-    assert main(["export", str(ckpt), str(out)]) == 0
-    assert "torchvision.models.resnet18()" in capsys.readouterr().out  # the constructor that loads it
+    proc = fastsiam("export", str(ckpt), str(out))  # the real CLI
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision.models.resnet18()" in proc.stdout  # the constructor that loads it
     tv = models.resnet18(weights=None)
     missing, unexpected = tv.load_state_dict(torch.load(out, weights_only=True), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
