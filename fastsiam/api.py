@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,15 +122,17 @@ def resolve(name_or_config: str | Path | Config, task: str | None = None) -> tup
     raise ValueError(f"{text!r} is neither a model name nor a .yaml config{hint}")
 
 
-def build_model(cfg: Config, task: str) -> nn.Module:
+def build_model(cfg: Config, task: str, num_classes: int | None = None) -> nn.Module:
     """A randomly initialised model for ``task``: :class:`SimSiamModel` or
-    :class:`fastsiam.classifier.LinearClassifier`."""
+    :class:`fastsiam.classifier.LinearClassifier` with ``num_classes`` outputs (default
+    ``model.num_classes``)."""
     m = cfg.model
     if task == "linear":
-        if m.num_classes is None:
+        num_classes = num_classes or m.num_classes
+        if num_classes is None:
             raise ValueError(f"{cfg.name}: model.num_classes is null (taken from the data by fastsiam linear); "
                              f"set it, or pass the linear run's checkpoint as pretrained")
-        return LinearClassifier(m.backbone, m.num_classes, m.small_input)
+        return LinearClassifier(m.backbone, num_classes, m.small_input)
     if task == "pretrain":
         return SimSiamModel(m.backbone, m.dim, m.pred_dim, m.small_input)
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -174,15 +175,13 @@ def get_model(
                          f"or train them (fastsiam train / fastsiam linear), then pass pretrained='path/to/file'")
     if pretrained:
         obj = obj if obj is not None else read_weights(pretrained)
-    if task == "linear" and cfg.model.num_classes is None and obj is not None:
-        # null: the data's class count when it trained, which its head records
-        fc = canonical_state_dict(obj, str(pretrained)).get("fc.weight")
-        if fc is not None:
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=int(fc.shape[0])))
-    model = build_model(cfg, task)
+    weights = canonical_state_dict(obj, str(pretrained)) if obj is not None else None
+    # A null model.num_classes was the data's count when the head trained: the head says it.
+    fc = weights.get("fc.weight") if weights is not None and cfg.model.num_classes is None else None
+    model = build_model(cfg, task, num_classes=int(fc.shape[0]) if fc is not None else None)
     classes = None
-    if obj is not None:
-        load_parts(model, canonical_state_dict(obj, str(pretrained)), PARTS[task], str(pretrained))
+    if weights is not None:
+        load_parts(model, weights, PARTS[task], str(pretrained))
         classes = classes_of(obj)
         if classes is not None and isinstance(model, LinearClassifier) and len(classes) != model.num_classes:
             raise ValueError(f"{pretrained}: names {len(classes)} classes but its head has {model.num_classes} "

@@ -517,8 +517,7 @@ def _backend_options(backend: str) -> list[BackendOption] | None:
         text = ast.unparse(default)
         return constants.get(text, text)
 
-    return [BackendOption(x.arg, shown(defaults[x.arg]) if x.arg in defaults else None,
-                          helps.get(x.arg, "").replace("the module docstring", spec.module))  # type: ignore[union-attr]
+    return [BackendOption(x.arg, shown(defaults[x.arg]) if x.arg in defaults else None, helps.get(x.arg, ""))
             for x in (*positional, *a.kwonlyargs) if x.arg not in common]
 
 

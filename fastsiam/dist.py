@@ -187,19 +187,14 @@ def all_gather(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.stack(out)
 
 
-def shard_rows(loader: Any) -> tuple[torch.Tensor, int]:
-    """``(real, total)`` for the rows an evaluation loader yields on this rank, in order:
-    ``real`` is a bool mask that is False for the padding its sampler repeats to give every
-    rank as many samples (:mod:`fastsiam.data.sampler`), ``total`` the dataset's size, so a
-    sharded evaluation counts every image exactly once."""
+def shard_rows(loader: Any) -> torch.Tensor:
+    """A bool mask over the rows an evaluation loader yields on this rank, in order: False for
+    the padding its sampler repeats to give every rank as many samples
+    (:mod:`fastsiam.data.sampler`), so a sharded evaluation counts every image exactly once."""
     s = loader.sampler
     n = len(s.rank_indices())
-    return torch.arange(n) * s.world_size + s.rank < s.num_samples, s.num_samples
+    return torch.arange(n) * s.world_size + s.rank < s.num_samples
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return t
-    t = t.clone()
-    torch_dist.all_reduce(t)
-    return t / info.world_size
+    return all_reduce_sum(t, info) / info.world_size if info.enabled else t

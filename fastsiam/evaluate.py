@@ -271,9 +271,8 @@ def knn_evaluate(
     if not info.enabled:
         top1, top5 = knn_classify(bank, bank_labels, feats, labels, num_classes, k, temperature)
     else:
-        bank_real, _ = dist.shard_rows(train_loader)
-        query_real, _ = dist.shard_rows(val_loader)
-        keep = bank_real.to(bank.device)
+        query_real = dist.shard_rows(val_loader)
+        keep = dist.shard_rows(train_loader).to(bank.device)
         top1, top5 = sharded_knn_classify(bank[keep], bank_labels[keep], feats, labels, query_real,
                                           num_classes, k, temperature, info)
     return {"top1": top1, "top5": top5}

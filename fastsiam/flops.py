@@ -77,17 +77,13 @@ def model_info(name_or_config: Any, image_size: int | None = None) -> dict[str, 
     image of ``extract_feat`` (mmpretrain's convention, see the module docstring).
     ``image_size`` defaults to the config's ``data.image_size``, the views it trains on.
     """
-    import dataclasses
-
     from fastsiam.api import build_model, resolve
 
     cfg, task, name = resolve(name_or_config)
     image_size = image_size or cfg.data.image_size
+    # null: the data decides; count the backbone and say what each class adds
     head_from_data = task == "linear" and cfg.model.num_classes is None
-    if head_from_data:
-        # null: the data decides; count the backbone and say what each class adds
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=1))
-    model = build_model(cfg, task)
+    model = build_model(cfg, task, num_classes=1 if head_from_data else None)
     x = torch.zeros(1, 3, image_size, image_size)
     flops = count_flops(model, x, forward=model.extract_feat)
     params = count_params(model)

@@ -39,7 +39,7 @@ from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_v
 from fastsiam.io import atomic_open
 from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.optim import build_optimizer, build_schedule
-from fastsiam.resume import Change, config_changes
+from fastsiam.resume import config_changes
 from fastsiam.runtime import default_work_dir, memory_format, scaled_lr
 from fastsiam.trainer import TrainingError
 from fastsiam.weights import load_pretrained, save_linear_checkpoint
@@ -86,7 +86,7 @@ def evaluate_classifier(
     finally:
         model.train(was_training)
     if info.enabled:
-        real = dist.shard_rows(loader)[0].to(logits.device)
+        real = dist.shard_rows(loader).to(logits.device)
         logits, labels = logits[real], labels[real]
     counts = torch.cat([topk_hits(logits, labels, (1, 5)), torch.tensor([len(labels)], device=logits.device)])
     hits1, hits5, n = dist.all_reduce_sum(counts, info).tolist()
@@ -213,9 +213,9 @@ def train_linear(
                                              show_progress=False, info=info)
                 record.update({"top1": scores["top1"], "top5": scores["top5"]})
             logger.log(record)
-            train_state = {"optimizer": optimizer.state_dict(), "flip_rng": flip_generator.get_state(),
-                           "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step}
             if info.is_main:
+                train_state = {"optimizer": optimizer.state_dict(), "flip_rng": flip_generator.get_state(),
+                               "rng": ckpt.rng_state(), "epoch": epoch + 1, "step": step}
                 save_linear_checkpoint(checkpoint_path, model, config=cfg.to_dict(),
                                        classes=getattr(train_loader, "classes", None),
                                        top1=scores["top1"], top5=scores["top5"], epoch=epoch + 1,
@@ -315,10 +315,7 @@ def _resumable(path: Path, cfg: Config) -> dict[str, Any]:
     state = ckpt.load_checkpoint(path)
     if "train_state" not in state or "config" not in state:
         raise ValueError(f"{path}: not a resumable linear-evaluation checkpoint (no optimizer state)")
-    changed, _ = config_changes(state["config"], cfg.to_dict())
-    saved_pretrained = state["config"].get("eval", {}).get("pretrained")
-    if saved_pretrained != cfg.eval.pretrained:  # eval.* is harmless for pretraining, not here
-        changed.append(Change("eval.pretrained", saved_pretrained, cfg.eval.pretrained))
+    changed, _ = config_changes(state["config"], cfg.to_dict(), significant=("eval.pretrained",))
     if changed:
         raise ValueError(f"{path}: this config changes the run's result ({', '.join(map(str, changed))}); "
                          f"resume with the run's config or choose another --work-dir")

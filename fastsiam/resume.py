@@ -48,12 +48,21 @@ def _harmless(key: str) -> bool:
     return any(key == h or (h.endswith(".") and key.startswith(h)) for h in HARMLESS)
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[Change], list[Change]]:
-    """``(trajectory_changes, harmless_changes)`` from the checkpoint's config to this run's."""
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   significant: tuple[str, ...] = ()) -> tuple[list[Change], list[Change]]:
+    """``(trajectory_changes, harmless_changes)`` from the checkpoint's config to this run's.
+
+    ``significant``: keys that change this kind of run although :data:`HARMLESS` covers them
+    for pretraining (``eval.pretrained`` is the weights a linear evaluation trains on).
+    """
     old, new = _flatten(saved), _flatten(current)
     changes = [Change(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k)]
-    return [c for c in changes if not _harmless(c.key)], [c for c in changes if _harmless(c.key)]
+
+    def harmless(key: str) -> bool:
+        return _harmless(key) and key not in significant
+
+    return [c for c in changes if not harmless(c.key)], [c for c in changes if harmless(c.key)]
 
 
 def restart_batch(start_batch: int, old_global_batch: int, new_global_batch: int) -> int:

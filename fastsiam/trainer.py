@@ -476,14 +476,11 @@ class Trainer:
                 build_loader_from_config(self.cfg.data, split="val", path=self.cfg.data.train_path, **common),
                 build_loader_from_config(self.cfg.data, split="val", **common),
             )
-        was_training = self.model.training
-        self.model.eval()
-        res = knn_evaluate(
+        res = knn_evaluate(  # in eval mode, restored after
             self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
             temperature=self.cfg.eval.knn_temperature, device=self.device,
             mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist,
         )
-        self.model.train(was_training)
         self._knn_step = self.step
         self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
                          **{f"knn_{k}": v for k, v in res.items()}})

@@ -400,7 +400,7 @@ def build(
     """Build the DALI loader over a shard folder written by ``data_prep/to_dali.py``.
 
     Options:
-        reader: ``index`` or ``webdataset`` (see the module docstring).
+        reader: ``index`` or ``webdataset`` (see fastsiam.data.dali_loader).
         decode: ``once`` (decode, then two ROI resizes) or ``twice`` (two ROI decodes).
         initial_fill: the ``webdataset`` reader's shuffling buffer, in samples.
         hw_decoder_load: share of JPEGs for the hardware decoder (mixed decode on A100/H100).

@@ -251,7 +251,7 @@ def build(
     """Build the FFCV loader over a .beton with an RGB image field and an int label field.
 
     Options:
-        order: ``random`` or ``quasi_random`` (see the module docstring).
+        order: ``random`` or ``quasi_random`` (see fastsiam.data.ffcv_loader).
         os_cache: let the OS page cache hold the file (FFCV's default; good when it fits in
             RAM or several processes read it); False reads pages into the process.
         batches_ahead: batches FFCV prepares in advance.
