@@ -27,6 +27,11 @@ Layout (what ``torchvision.datasets.ImageFolder`` reads, sorted wnid = class ind
 With ``quirks=True`` it also plants ImageNet's real oddities: grayscale JPEGs (mode L) in
 train and val, one CMYK JPEG and one PNG file named ``.JPEG`` in train.
 
+``style="photo"`` (``--style photo``) paints dead-leaves images instead (``dead_leaves``): no
+class signal, but a photograph's entropy, so JPEGs decode at a photograph's speed. The
+benchmarks use it; ``--min-side 340 --max-side 500`` gives ImageNet's ~0.11-0.25 MP and
+~50-150 KB per file.
+
 Usage::
 
     python data_prep/make_toy_imagenet.py --out data/toy_imagenet [--classes 10]
@@ -51,13 +56,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 try:
+    from data_prep.dead_leaves import paint_dead_leaves
     from data_prep.toy_shapes import class_shape, num_shapes
 except ModuleNotFoundError:  # run as a script: python data_prep/make_toy_imagenet.py
+    from dead_leaves import paint_dead_leaves  # type: ignore[no-redef]
     from toy_shapes import class_shape, num_shapes  # type: ignore[no-redef]
 
 MAX_WNIDS = 1000
 JPEG_QUALITY = 90
 SUMMARY_NAME = "toy_imagenet.json"
+STYLES = ("shapes", "photo")
 
 
 def class_wnids(num_classes: int) -> list[str]:
@@ -138,9 +146,14 @@ def paint_image(rng: np.random.Generator, class_index: int, min_side: int,
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_one(task: tuple[str, tuple[int, ...], int, int, int, str]) -> None:
-    path, key, class_index, min_side, max_side, quirk = task
-    image = paint_image(np.random.default_rng(list(key)), class_index, min_side, max_side)
+def _write_one(task: tuple[str, tuple[int, ...], int, int, int, str, str]) -> None:
+    path, key, class_index, min_side, max_side, quirk, style = task
+    rng = np.random.default_rng(list(key))
+    if style == "photo":
+        w, h = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+        image = paint_dead_leaves(rng, w, h)
+    else:
+        image = paint_image(rng, class_index, min_side, max_side)
     if quirk == "grayscale":
         image.convert("L").save(path, "JPEG", quality=JPEG_QUALITY)
     elif quirk == "cmyk":
@@ -152,7 +165,9 @@ def _write_one(task: tuple[str, tuple[int, ...], int, int, int, str]) -> None:
 
 
 def _check_args(num_classes: int, train_per_class: int, val_per_class: int, min_side: int,
-                max_side: int, quirks: bool, workers: int) -> None:
+                max_side: int, quirks: bool, workers: int, style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: expected one of {', '.join(STYLES)}")
     if not 1 <= num_classes <= num_shapes():
         raise ValueError(f"num_classes={num_classes}: expected 1..{num_shapes()} (one "
                          "distinct shape per class)")
@@ -172,7 +187,7 @@ def _check_args(num_classes: int, train_per_class: int, val_per_class: int, min_
 def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
                       train_per_class: int = 100, val_per_class: int = 30, seed: int = 0,
                       min_side: int = 200, max_side: int = 600, quirks: bool = True,
-                      overwrite: bool = False, workers: int = 1) -> dict:
+                      overwrite: bool = False, workers: int = 1, style: str = "shapes") -> dict:
     """Write the toy ImageNet under ``root`` and return its summary.
 
     Args:
@@ -189,10 +204,12 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
             JPEG and a PNG named ``.JPEG`` in train.
         overwrite: Replace a non-empty ``root``.
         workers: Processes to paint with; the output does not depend on it.
+        style: ``"shapes"`` (a learnable shape per class) or ``"photo"`` (dead-leaves images
+            with a photograph's statistics and no class signal, for benchmarks).
 
     Returns:
         A dict with ``root`` (absolute Path), ``classes`` (wnids, in class index order),
-        ``shapes`` (the shape name of each class), ``counts``
+        ``style``, ``shapes`` (the shape name of each class; empty for photos), ``counts``
         (``{"train": {wnid: n}, "val": {...}}``), ``seed`` and ``quirks``
         (``{"grayscale": [...], "cmyk": [...], "png": [...]}``, absolute Paths). The same
         record, with quirk paths relative to ``root``, is written to
@@ -202,7 +219,7 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
     when complete, so an interrupted run never leaves a complete-looking dataset.
     """
     _check_args(num_classes, train_per_class, val_per_class, min_side, max_side, quirks,
-                workers)
+                workers, style)
     root = Path(root)
     if root.exists():
         if not root.is_dir():
@@ -215,7 +232,8 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
                                        max_side, quirks)
     record = {
         "classes": wnids,
-        "shapes": [class_shape(c)[0] for c in range(num_classes)],
+        "style": style,
+        "shapes": [class_shape(c)[0] for c in range(num_classes)] if style == "shapes" else [],
         "counts": counts,
         "seed": seed,
         "quirks": quirk_files,
@@ -228,7 +246,7 @@ def make_toy_imagenet(root: str | os.PathLike[str], *, num_classes: int = 10,
         for split in ("train", "val"):
             for wnid in wnids:
                 (tmp / split / wnid).mkdir(parents=True)
-        jobs = [(str(tmp / rel), *rest) for rel, *rest in tasks]
+        jobs = [(str(tmp / rel), *rest, style) for rel, *rest in tasks]
         if workers == 1:
             for job in jobs:
                 _write_one(job)
@@ -308,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="no grayscale/CMYK/PNG-named-JPEG files")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--workers", type=int, default=1, help="painting processes")
+    parser.add_argument("--style", choices=STYLES, default="shapes",
+                        help="shapes: a learnable shape per class; photo: dead-leaves images "
+                        "with a photograph's statistics, for benchmarks")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -315,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out, num_classes=args.classes, train_per_class=args.train_per_class,
             val_per_class=args.val_per_class, seed=args.seed, min_side=args.min_side,
             max_side=args.max_side, quirks=not args.no_quirks, overwrite=args.overwrite,
-            workers=args.workers)
+            workers=args.workers, style=args.style)
     except (ValueError, FileExistsError) as e:
         parser.exit(2, f"make_toy_imagenet: error: {e}\n")
     n_train = sum(summary["counts"]["train"].values())
