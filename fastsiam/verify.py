@@ -216,22 +216,19 @@ def _decode_beton(reader, path: Path, workers: int) -> tuple[list[int], int]:
     """Every JPEG sample decoded by FFCV's decoder (the loader's): the failures, the count."""
     from ffcv.libffcv import imdecode
 
-    from fastsiam.data.beton import image_metadata
+    from fastsiam.data.beton import stored_images
 
-    meta = image_metadata(reader, "image")
-    table = reader.alloc_table
-    size_of = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    jpegs = np.flatnonzero(meta["mode"] == 0).tolist()
+    jpegs = [(i, data, h, w) for i, (data, h, w, jpeg) in
+             enumerate(stored_images(reader, path, "image")) if jpeg]
 
-    def fails(i: int) -> bool:
-        ptr, h, w = int(meta["data_ptr"][i]), int(meta["height"][i]), int(meta["width"][i])
+    def fails(sample: tuple[int, np.ndarray, int, int]) -> bool:
+        _, data, h, w = sample
         out = np.empty(h * w * 3, dtype=np.uint8)
-        return imdecode(data[ptr:ptr + size_of[ptr]], out, h, w, h, w, 0, 0, 1, 1, False, False) != 0
+        return imdecode(data, out, h, w, h, w, 0, 0, 1, 1, False, False) != 0
 
     with ThreadPoolExecutor(workers) as pool:  # the decoder releases the GIL (ctypes)
         failed = list(pool.map(fails, jpegs))
-    return [i for i, f in zip(jpegs, failed) if f], len(jpegs)
+    return [s[0] for s, f in zip(jpegs, failed) if f], len(jpegs)
 
 
 __all__ = ["Report", "verify"]

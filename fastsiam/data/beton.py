@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,19 @@ def image_metadata(reader: Any, image_field: str) -> np.ndarray:
     return reader.metadata[reader.metadata.dtype.names[reader.field_names.index(image_field)]]
 
 
+def stored_images(reader: Any, path: Path, image_field: str) -> Iterator[tuple[np.ndarray, int, int, bool]]:
+    """Every sample's stored image as ``(bytes, height, width, is_jpeg)``, in sample order:
+    views of the file (memory-mapped) found through its allocation table, as FFCV's loader
+    reads them (the raw samples' bytes are ``height x width x 3`` pixels)."""
+    meta = image_metadata(reader, image_field)
+    table = reader.alloc_table
+    size_of = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for ptr, h, w, mode in zip(meta["data_ptr"].tolist(), meta["height"].tolist(),
+                               meta["width"].tolist(), meta["mode"].tolist()):
+        yield data[ptr:ptr + size_of[ptr]], h, w, mode != RAW
+
+
 def beton_problems(reader: Any, path: Path, image_field: str) -> list[str]:
     """What is inconsistent in the .beton's tables (one message per problem kind, naming the
     first sample it concerns); empty when the tables agree with each other and the file."""
@@ -256,4 +269,4 @@ def check_scratch(reader: Any, path: Path, image_field: str, batch_size: int, ba
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_JPEG_PIXELS_PER_BYTE", "beton_problems", "check_scratch",
            "checksum_path", "checksum_record", "image_metadata", "make_checksum_record",
-           "open_beton", "physical_memory", "read_beton"]
+           "open_beton", "physical_memory", "read_beton", "stored_images"]
