@@ -1,10 +1,11 @@
-"""Benchmark input: the toy ImageNet in every loader's format, sized to the run, and its costs.
+"""Benchmark input: generated images in every loader's format, sized to the run, and its costs.
 
 End-to-end and loader benchmarks need an epoch long enough for their timed steps (a window
 that crosses an epoch would time the loader's start-up, which a real 5,000-step ImageNet
 epoch amortizes). Painting thousands of images costs more than the benchmark, so a few
-hundred distinct toy images (data_prep/make_toy_imagenet.py, ImageNet-like sizes by default)
-are repeated ``copies`` times as symbolic links in an ImageFolder tree; the .beton and the
+hundred distinct images (data_prep/make_toy_imagenet.py: photo-like dead leaves with
+``style="photo"``, whose JPEGs decode at a photograph's speed, or the toy's flat shapes) are
+repeated ``copies`` times as symbolic links in an ImageFolder tree; the .beton and the
 tar shards are converted from that tree, so every format holds the same samples. Repeated
 files are read from the page cache like distinct ones would be once ImageNet is cached
 (an 8-GPU node's RAM holds its 140 GB); decode cost depends on pixels and entropy-coded
@@ -54,16 +55,17 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def make_toy(cache: Path, *, classes: int, distinct: int, min_side: int, max_side: int,
-             workers: int) -> Path:
-    """The toy train folder with ``distinct`` images (rounded up to whole classes), cached."""
+             workers: int, style: str = "shapes") -> Path:
+    """The generated train folder with ``distinct`` images (rounded up to whole classes) of
+    ``style`` (``shapes`` or ``photo``, see make_toy_imagenet), cached."""
     from data_prep.make_toy_imagenet import make_toy_imagenet
 
     per_class = math.ceil(distinct / classes)
-    root = cache / f"toy_c{classes}x{per_class}_{min_side}-{max_side}"
+    root = cache / f"{style}_c{classes}x{per_class}_{min_side}-{max_side}"
     if not (root / "toy_imagenet.json").is_file():
         make_toy_imagenet(root, num_classes=classes, train_per_class=per_class, val_per_class=1,
                           min_side=min_side, max_side=max_side, quirks=False, overwrite=True,
-                          workers=max(1, workers))
+                          workers=max(1, workers), style=style)
     return root / "train"
 
 
@@ -84,7 +86,7 @@ def repeat_folder(src: Path, dst: Path, copies: int) -> Path:
 
 def prepare(cache: Path, *, min_images: int, formats: set[str], data: Path | None = None,
             classes: int = 8, distinct: int = 256, min_side: int = 200, max_side: int = 600,
-            workers: int = 1) -> BenchData:
+            workers: int = 1, style: str = "shapes") -> BenchData:
     """Prepare (or reuse) the benchmark data under ``cache``.
 
     Args:
@@ -92,8 +94,9 @@ def prepare(cache: Path, *, min_images: int, formats: set[str], data: Path | Non
         min_images: images one epoch must hold (the timed steps x batch).
         formats: any of ``beton`` (ffcv) and ``shards`` (dali, nvjpeg) besides the ImageFolder.
         data: an existing ImageFolder train folder to use instead of the toy data (not repeated).
-        classes, distinct, min_side, max_side: the toy data (default: ImageNet-like sizes).
+        classes, distinct, min_side, max_side: the generated data (default: ImageNet-like sizes).
         workers: processes for painting and converting.
+        style: the generated images: ``shapes`` (the toy's classes) or ``photo`` (dead leaves).
     """
     cache.mkdir(parents=True, exist_ok=True)
     if data is not None:
@@ -102,7 +105,7 @@ def prepare(cache: Path, *, min_images: int, formats: set[str], data: Path | Non
         tag = "data"
     else:
         toy = make_toy(cache, classes=classes, distinct=distinct, min_side=min_side,
-                       max_side=max_side, workers=workers)
+                       max_side=max_side, workers=workers, style=style)
         distinct_images = len(list_images(toy))
         copies = max(1, math.ceil(min_images / distinct_images))
         folder = repeat_folder(toy, cache / f"{toy.parent.name}_x{copies}", copies)

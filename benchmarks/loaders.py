@@ -17,11 +17,18 @@ reference's augmented float views) and is timed in images/s (an image = both its
 - ``nvjpeg``: torchvision's decoder (nvJPEG on a GPU, libjpeg-turbo threads on the CPU);
 - ``synthetic``: random batches made on the device (the no-loader ceiling).
 
-All read the same samples: a toy ImageNet (data_prep/make_toy_imagenet.py, ImageNet-like
-200-600 px) repeated by links to fill the epochs (benchmarks/_data.py), or ``--data``; the
-.beton is all-JPEG at 256 px (``to_ffcv.py --write-mode jpg --max-resolution 256``), the
-shards keep the original JPEGs (``to_dali.py``). Every variant uses ``--workers`` processes or
-threads. Variants run one after another: a warm-up (compilation, worker start-up, and the
+All read the same samples: photo-like JPEGs at ImageNet's size (``--style photo``, the
+default: dead-leaves images of 340-500 px, ~0.18 MP and ~90 KB each, which decode as slowly as
+photographs; data_prep/dead_leaves.py) or the toy ImageNet's flat shapes (``--style shapes``,
+200-600 px), repeated by links to fill the epochs (benchmarks/_data.py), or ``--data``. The
+.beton is all-JPEG at 256 px (``to_ffcv.py --write-mode jpg --max-resolution 256``) or, with
+``--beton imagenet``, the README's ImageNet setting (``proportion``, 500 px); the shards keep
+the original JPEGs (``to_dali.py``). Every variant uses ``--workers`` processes or threads.
+
+Beside the loaders, each backend's ceiling is measured in the same run
+(benchmarks/_ceilings.py): its per-image kernels alone (decode once + two crop-resizes) on one
+thread, times ``--workers``; every loader row carries ``of_ceiling``, its share of it (on the
+CPU: on a GPU the loaders decode there, and these CPU kernels bound nothing). Variants run one after another: a warm-up (compilation, worker start-up, and the
 batches prefetched meanwhile), then ``--repeats`` timed windows of ``--iters`` batches back to
 back, so no window gets batches made while the loader idled; the loader is then closed.
 
@@ -30,7 +37,8 @@ next one runs; the exit status is 1 if any failed. The JSON is written after eve
 so a run stopped by a timeout keeps what it measured. ``--data`` with ``--shards`` reads data
 prepared elsewhere (the GPU suite's data stage, ``end_to_end.py --prepare-only``) as it is.
 
-    python benchmarks/loaders.py                        # all installed backends, toy data
+    python benchmarks/loaders.py                        # all installed backends, photo-like data
+    python benchmarks/loaders.py --style shapes         # the toy ImageNet's flat shapes
     python benchmarks/loaders.py --backends ffcv_stock,ffcv --workers 8 --batch-size 256
     python benchmarks/loaders.py --smoke                # tiny, one variant per code path (CI)
     python benchmarks/loaders.py --backends nvjpeg --data DIR/train --shards DIR/shards
@@ -55,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks import _ceilings as ceilings  # noqa: E402
 from benchmarks import _data  # noqa: E402
 from fastsiam.benchmark import (  # noqa: E402
     BenchmarkReport,
@@ -80,6 +89,15 @@ VARIANTS: dict[str, tuple[str | None, str, str | None, dict[str, Any]]] = {
 
 
 SMOKE_VARIANTS = ("pil_full", "ffcv_stock", "ffcv", "dali_once", "nvjpeg", "synthetic")
+# --beton: (what the result says, to_ffcv.convert's settings)
+BETON_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "jpg256": ("to_ffcv.py --write-mode jpg --max-resolution 256",
+               {"write_mode": "jpg", "max_resolution": 256}),
+    "imagenet": ("to_ffcv.py defaults, the README's ImageNet setting (--write-mode proportion "
+                 "--max-resolution 500)", {}),
+}
+# --style: the benchmark images and their default side range
+STYLE_SIDES = {"photo": (340, 500), "shapes": (200, 600)}
 
 
 def installed(library: str | None) -> bool:
@@ -177,6 +195,7 @@ def prepare(
             min_side=args.min_side,
             max_side=args.max_side,
             workers=args.workers,
+            style=args.style,
         )
     paths = {"imagefolder": data.imagefolder, "none": data.imagefolder}
     if data.shards is not None:
@@ -185,7 +204,7 @@ def prepare(
         from data_prep.sources import list_image_folder
         from data_prep.to_ffcv import convert
 
-        beton = cache / f"{data.imagefolder.name}_jpg256.beton"
+        beton = cache / f"{data.imagefolder.name}_{args.beton}.beton"
         if not beton.exists():
             with (
                 contextlib.redirect_stdout(io.StringIO()),
@@ -194,8 +213,7 @@ def prepare(
                 convert(
                     list_image_folder(data.imagefolder),
                     beton,
-                    write_mode="jpg",
-                    max_resolution=256,
+                    **BETON_SETTINGS[args.beton][1],
                     workers=max(1, args.workers),
                     quiet=True,
                 )
@@ -230,6 +248,42 @@ def measure_variant(
         batches.close()  # stops the backend's workers/threads mid-epoch
 
 
+def add_ceilings(report: BenchmarkReport, paths: dict[str, Path], args: argparse.Namespace) -> bool:
+    """Measure the kernels-alone ceiling of each backend the rows used (one thread, times
+    ``--workers``), add a row for it, and give each loader row its ``of_ceiling``; False if
+    a ceiling failed (recorded as its row's error)."""
+    wanted = {ceilings.KERNELS_OF[r["variant"]] for r in report.rows
+              if ceilings.KERNELS_OF.get(r["variant"]) and "error" not in r}
+    rates: dict[str, float] = {}
+    ok = True
+    for backend in sorted(wanted):
+        fmt = ceilings.KERNELS[backend][0]
+        try:
+            jpegs = (ceilings.beton_jpegs(paths["beton"], args.ceiling_images) if fmt == "beton"
+                     else ceilings.file_jpegs(_data.list_images(paths["imagefolder"]),
+                                              args.ceiling_images))
+            m = ceilings.single_thread(backend, jpegs, args.image_size, args.repeats)
+        except Exception as e:  # a ceiling that fails must not lose the loaders' rows
+            report.add_error(f"ceiling: {backend}", error_message(e), workers=args.workers)
+            print(f"ceiling: {backend}: failed: {report.rows[-1]['error']}", file=sys.stderr)
+            ok = False
+            continue
+        w = args.workers
+        scaled = Measurement(m.items_per_s * w, m.items_per_s_min * w, m.items_per_s_max * w,
+                             m.seconds_per_call, m.repeats, m.iters, m.warmup,
+                             [x * w for x in m.samples])
+        report.add(f"ceiling: {backend}", scaled, workers=w, data_format=fmt,
+                   single_thread_images_per_s=round(m.items_per_s, 1),
+                   megapixels=ceilings.megapixels(jpegs))
+        rates[backend] = scaled.items_per_s
+        print(f"ceiling: {backend}: {scaled.items_per_s:.1f} images/s", file=sys.stderr)
+    for r in report.rows:
+        backend = ceilings.KERNELS_OF.get(r["variant"])
+        if backend in rates and "error" not in r:
+            r["of_ceiling"] = round(r["items_per_s"] / rates[backend], 3)
+    return ok
+
+
 def add_stock_ratios(report: BenchmarkReport) -> None:
     """``vs_ffcv_stock`` on the ffcv rows, once stock FFCV is measured (any order of rows)."""
     stock = next(
@@ -255,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--iters", type=int, default=10, help="batches per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows per variant")
-    p.add_argument("--data", type=Path, help="an ImageFolder train folder instead of the toy data")
+    p.add_argument("--data", type=Path, help="an ImageFolder train folder instead of generated images")
     p.add_argument(
         "--shards",
         type=Path,
@@ -265,10 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-cache", type=Path, help="keep the prepared data here (default: a temp dir)"
     )
+    p.add_argument("--style", choices=list(STYLE_SIDES), default="photo",
+                   help="generated images: photo-like (dead leaves) or the toy's flat shapes")
+    p.add_argument("--beton", choices=list(BETON_SETTINGS), default="jpg256",
+                   help="how the .beton is written: jpg 256 px, or the README's ImageNet setting")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--distinct", type=int, default=300, help="distinct toy images")
-    p.add_argument("--min-side", type=int, default=200)
-    p.add_argument("--max-side", type=int, default=600)
+    p.add_argument("--distinct", type=int, default=300, help="distinct generated images")
+    p.add_argument("--min-side", type=int, help="default 340 (photo), 200 (shapes)")
+    p.add_argument("--max-side", type=int, help="default 500 (photo), 600 (shapes)")
+    p.add_argument("--ceiling-images", type=int, default=128,
+                   help="distinct images the kernels-alone ceilings run over")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--smoke",
@@ -287,10 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = args.batch_size or 8
         args.image_size, args.iters, args.repeats = 64, 2, 1
         args.classes, args.distinct, args.min_side, args.max_side = 4, 32, 64, 160
-        args.workers = 1
+        args.workers, args.ceiling_images = 1, 8
         if args.backends == "all":  # one variant per code path: CI checks the script, fast
             args.backends = ",".join(SMOKE_VARIANTS)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    low, high = STYLE_SIDES[args.style]
+    args.min_side = args.min_side or low
+    args.max_side = args.max_side or high
     wanted = list(VARIANTS) if args.backends == "all" else args.backends.split(",")
     unknown = [n for n in wanted if n not in VARIANTS]
     if unknown:
@@ -305,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     if not keep:
         print("smoke run: no result written (pass --out to keep it)")
     failed = False
+    # One result file per kind of data and .beton, so the photo-like and shapes runs sit side by side.
+    result_name = "loaders" if args.data else "_".join(
+        ["loaders", args.style, *([] if args.beton == "jpg256" else [args.beton])])
     with contextlib.ExitStack() as stack:
         cache = args.data_cache or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="loaders-bench-"))
@@ -320,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke,
             "data": str(args.data)
             if args.data
-            else f"toy ImageNet, {args.distinct} distinct images, {args.min_side}-{args.max_side} px",
-            "beton": "to_ffcv.py --write-mode jpg --max-resolution 256",
+            else f"{'photo-like (dead leaves)' if args.style == 'photo' else 'toy ImageNet shapes'}, "
+            f"{args.distinct} distinct images, {args.min_side}-{args.max_side} px",
+            "beton": BETON_SETTINGS[args.beton][0],
             "shards": str(args.shards) if args.shards else "to_dali.py defaults (original JPEG bytes)",
             **data_info,
         }
@@ -359,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             add_stock_ratios(report)
             report.settings["load_average"] = round(os.getloadavg()[0], 2)
             if keep:
-                path = report.write(out)
+                path = report.write(out, result_name)
+        if device.type == "cpu":  # the kernels measured are the CPU paths'
+            failed |= not add_ceilings(report, paths, args)
+            if keep:
+                path = report.write(out, result_name)
     print(report.table())
     if keep and report.rows:
         print(f"wrote {path}")
