@@ -520,8 +520,9 @@ class BadImage(Exception):
     """The file is not a usable image; the message is the reason for the report."""
 
 
-def read_file(path: str) -> bytes:
-    """The bytes of the regular file ``path`` (raises BadImage).
+@contextlib.contextmanager
+def _open_regular(path: str) -> Iterator[io.BufferedReader]:
+    """``path`` opened for reading if it is a regular file (raises BadImage).
 
     Opened non-blocking and checked with ``fstat`` before reading: a FIFO named ``.JPEG`` (in
     a file list, or swapped in after listing) would otherwise block the reader forever.
@@ -535,9 +536,59 @@ def read_file(path: str) -> bytes:
         if not stat.S_ISREG(mode):
             raise BadImage(f"not a regular file ({_kind(mode)})")
         try:
-            return f.read()
+            yield f
         except OSError as e:
             raise BadImage(f"cannot read ({e.strerror or e})") from None
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of the regular file ``path`` (raises BadImage)."""
+    with _open_regular(path) as f:
+        return f.read()
+
+
+def probe_image(path: str) -> tuple[str | None, tuple[int, int]]:
+    """``(None, (width, height))`` when ``path``'s header is an image's, else ``(reason, (0, 0))``.
+
+    Reads only the header: what :func:`check_image` finds without decoding (unreadable, empty,
+    not an image, no pixels), at a fraction of a decode's cost. Runs in worker processes.
+    """
+    try:
+        with _open_regular(path) as f:
+            return None, _header(f, os.fstat(f.fileno()).st_size).size
+    except BadImage as e:
+        return str(e), (0, 0)
+
+
+@contextlib.contextmanager
+def _pil_errors() -> Iterator[None]:
+    """PIL's failures on bad data as BadImage, with the reasons the report shows."""
+    with warnings.catch_warnings():
+        # Odd EXIF blocks and large images warn; only failures to decode matter here.
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image (unrecognised format)") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
+            raise BadImage(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def _header(f: Any, nbytes: int) -> Image.Image:
+    """``Image.open`` of the ``nbytes`` bytes in ``f``: header read, pixels not decoded."""
+    if nbytes == 0:
+        raise BadImage("empty file (0 bytes)")
+    with _pil_errors():
+        image = Image.open(f)
+    if image.width < 1 or image.height < 1:
+        raise BadImage(f"image has no pixels ({image.width}x{image.height})")
+    return image
+
+
+def read_header(data: bytes) -> Image.Image:
+    """The PIL image of ``data`` with its header read and its pixels not decoded (raises
+    BadImage: empty, not an image, no pixels)."""
+    return _header(io.BytesIO(data), len(data))
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -546,20 +597,9 @@ def decode_image(data: bytes) -> Image.Image:
     Raises:
         BadImage: empty, not an image, truncated or corrupt.
     """
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Odd EXIF blocks and large images warn; only failures to decode matter here.
-        warnings.simplefilter("ignore")
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Image.UnidentifiedImageError:
-            raise BadImage("not an image (unrecognised format)") from None
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
-            raise BadImage(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-    if image.width < 1 or image.height < 1:
-        raise BadImage(f"image has no pixels ({image.width}x{image.height})")
+    image = read_header(data)
+    with _pil_errors():
+        image.load()
     return image
 
 

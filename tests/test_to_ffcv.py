@@ -176,15 +176,24 @@ def test_killed_run_leaves_no_output_and_a_rerun_replaces_the_leftovers(bad_tree
     assert out.read_bytes() == converted[0].read_bytes()
 
 
-def test_strict_stops_at_the_first_bad_file(bad_tree, tmp_path):
+@pytest.mark.parametrize("found_by", ["header", "decode"])
+def test_strict_stops_at_the_first_bad_file(bad_tree, tmp_path, found_by):
+    # The header pass finds the empty file; a truncated file, whose header is good, is found
+    # only when the writing pass decodes it.
     root, bad = bad_tree
-    (root / bad["text"]).rename(tmp_path / "notes.txt")
+    kept = "empty" if found_by == "header" else "truncated"
+    moved = [k for k in bad if k != kept and (k == "text" or found_by == "decode")]
+    for k in moved:
+        (root / bad[k]).rename(tmp_path / k)
     try:
         rc, _, err = run("--src", root, "--out", tmp_path / "x.beton", "--strict", "--workers", "2")
     finally:
-        (tmp_path / "notes.txt").rename(root / bad["text"])
-    assert rc == 1 and str(root / bad["truncated"]) in err and err.count("\n") == 1
-    assert [p.name for p in tmp_path.iterdir()] == [".x.beton.lock"]  # no output, no side files
+        for k in moved:
+            (tmp_path / k).rename(root / bad[k])
+    # One line, after ffcv's progress bar when the writing pass found it.
+    last = err.rstrip("\n").split("\n")[-1]
+    assert rc == 1 and last.startswith(f"error: bad input {root / bad[kept]}: ") and err.count("error") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name not in moved] == [".x.beton.lock"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
