@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# The generated images' styles (make_toy_imagenet): default side range and how results name them
+STYLE_SIDES = {"photo": (340, 500), "shapes": (200, 600)}
+STYLE_NAMES = {"photo": "photo-like (dead leaves)", "shapes": "toy ImageNet shapes"}
 
 
 @dataclass

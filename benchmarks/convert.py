@@ -19,7 +19,8 @@ so that load from other jobs hits all of them alike. Rows carry ``mb_per_s`` (so
 and to the smallest worker count) and ``cpu_ms_per_image`` (CPU time of the whole process
 tree, robust to other load). The load average before and after is recorded.
 
-    python benchmarks/convert.py                       # toy ImageNet, 10 x 100 images, 200-600 px
+    python benchmarks/convert.py                       # photo-like JPEGs, 10 x 100, 340-500 px
+    python benchmarks/convert.py --style shapes        # the toy ImageNet's flat shapes, 200-600 px
     python benchmarks/convert.py --src /data/imagenet/train --limit 50 --workers 1 2 4 8
 """
 
@@ -37,6 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._data import STYLE_NAMES, STYLE_SIDES
 from data_prep import to_dali, to_ffcv
 from data_prep.sources import decode_image, list_image_folder, parallel_map, read_file
 from fastsiam.benchmark import BenchmarkReport, Measurement, measure
@@ -86,7 +88,9 @@ def _quietly(fn: Any, *args: Any) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", help="an ImageFolder to convert (default: a generated toy ImageNet)")
+    parser.add_argument("--src", help="an ImageFolder to convert (default: generated images)")
+    parser.add_argument("--style", choices=list(STYLE_SIDES), default="photo",
+                        help="generated images: photo-like (dead leaves) or the toy's flat shapes")
     parser.add_argument("--limit", type=int, help="first N images per class of --src")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
@@ -102,15 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from data_prep.make_toy_imagenet import make_toy_imagenet
 
+            low, high = STYLE_SIDES[args.style]
             make_toy_imagenet(tmp / "toy", num_classes=args.classes, train_per_class=args.per_class,
-                              val_per_class=1, seed=0, min_side=200, max_side=600,
-                              workers=max(args.workers))
+                              val_per_class=1, seed=0, min_side=low, max_side=high, quirks=False,
+                              workers=max(args.workers), style=args.style)
             src = tmp / "toy" / "train"
-            dataset = f"toy ImageNet train, {args.classes} x {args.per_class} images, 200-600 px"
+            dataset = (f"{STYLE_NAMES[args.style]}, {args.classes} x {args.per_class} images, "
+                       f"{low}-{high} px")
         limit = ["--limit", str(args.limit)] if args.limit else []
         paths = [it.path for it in list_image_folder(src, limit=args.limit).items]
         source_mb = sum(os.path.getsize(p) for p in paths) / 1e6
         load_before = os.getloadavg()
+        # One result file per kind of generated data, so photo-like and shapes sit side by side.
+        result_name = "convert" if args.src else f"convert_{args.style}"
         report = BenchmarkReport("convert", "cpu", {
             "dataset": dataset, "images": len(paths), "source_mb": round(source_mb, 1),
             "workers": args.workers, "repeats": args.repeats,
@@ -141,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                                   compress_probability=0.5)
             writer = DatasetWriter(str(tmp / "stock.beton"), {"image": field, "label": IntField()},
                                    num_workers=w)
-            with contextlib.redirect_stderr(io.StringIO()):
+            # tqdm's monitor thread, which ffcv's bar would start, outlives the run and makes every
+            # later worker pool in this process spawn instead of fork (sources.start_method).
+            with contextlib.redirect_stderr(io.StringIO()), to_ffcv._no_tqdm_monitor():
                 writer.from_indexed_dataset(_PilImages(items), chunksize=100)
 
         variants = [(f"{name} w{w}", name, w, fn) for name, fn in
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             report.add(label, m, **extra)
         report.settings["load_average_before_after"] = [round(x, 2) for x in (*load_before[:1], os.getloadavg()[0])]
         print(report.table())
-        print(f"wrote {report.write(args.out_dir)}")
+        print(f"wrote {report.write(args.out_dir, result_name)}")
     return 0
 
 

@@ -96,8 +96,6 @@ BETON_SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "imagenet": ("to_ffcv.py defaults, the README's ImageNet setting (--write-mode proportion "
                  "--max-resolution 500)", {}),
 }
-# --style: the benchmark images and their default side range
-STYLE_SIDES = {"photo": (340, 500), "shapes": (200, 600)}
 
 
 def installed(library: str | None) -> bool:
@@ -319,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data-cache", type=Path, help="keep the prepared data here (default: a temp dir)"
     )
-    p.add_argument("--style", choices=list(STYLE_SIDES), default="photo",
+    p.add_argument("--style", choices=list(_data.STYLE_SIDES), default="photo",
                    help="generated images: photo-like (dead leaves) or the toy's flat shapes")
     p.add_argument("--beton", choices=list(BETON_SETTINGS), default="jpg256",
                    help="how the .beton is written: jpg 256 px, or the README's ImageNet setting")
@@ -351,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.backends == "all":  # one variant per code path: CI checks the script, fast
             args.backends = ",".join(SMOKE_VARIANTS)
     args.batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
-    low, high = STYLE_SIDES[args.style]
+    low, high = _data.STYLE_SIDES[args.style]
     args.min_side = args.min_side or low
     args.max_side = args.max_side or high
     wanted = list(VARIANTS) if args.backends == "all" else args.backends.split(",")
@@ -386,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "smoke": args.smoke,
             "data": str(args.data)
             if args.data
-            else f"{'photo-like (dead leaves)' if args.style == 'photo' else 'toy ImageNet shapes'}, "
+            else f"{_data.STYLE_NAMES[args.style]}, "
             f"{args.distinct} distinct images, {args.min_side}-{args.max_side} px",
             "beton": BETON_SETTINGS[args.beton][0],
             "shards": str(args.shards) if args.shards else "to_dali.py defaults (original JPEG bytes)",
