@@ -8,7 +8,7 @@ of worker threads or processes the loader gets: what it could reach if the overh
 zero and the workers scaled perfectly. A loader row's ``of_ceiling`` is its rate over that.
 
 - ``ffcv``: FFCV's own ``imdecode`` (libjpeg-turbo) and ``resize_crop`` (OpenCV INTER_AREA)
-  on the .beton's stored JPEGs, as :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` calls them;
+  on the .beton's stored samples (raw ones need no decode), as :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` calls them;
 - ``torchvision``: ``decode_jpeg`` (libjpeg-turbo) and two uint8 antialiased
   ``resized_crop`` calls, the nvjpeg backend's CPU path, on the shards' original JPEGs;
 - ``pil``: Pillow's decode and two bilinear crop-resizes (what torchvision's
@@ -49,13 +49,18 @@ def boxes(heights: Sequence[int], widths: Sequence[int], seed: int = 0) -> np.nd
     return np.stack(views, axis=1)
 
 
-def beton_jpegs(path: Path, limit: int) -> list[tuple[np.ndarray, int, int]]:
-    """Up to ``limit`` JPEG samples of a .beton as (bytes, height, width), read with ffcv's
-    Reader through its allocation table (as the loader finds them)."""
+def beton_images(path: Path, limit: int) -> list[tuple[np.ndarray, int, int]]:
+    """The first ``limit`` samples of a .beton as (data, height, width), read with ffcv's
+    Reader through its allocation table (as the loader finds them): a JPEG sample's data is its
+    bytes (1-D), a raw sample's its pixels ``[h, w, 3]``, in the file's own JPEG/raw mix (the
+    README's ImageNet setting stores half raw: the loader decodes only the other half)."""
+    from itertools import islice
+
     from fastsiam.data.beton import open_beton, stored_images
 
     reader = open_beton(path, "image", "label")
-    return [(data, h, w) for data, h, w, jpeg in stored_images(reader, path, "image") if jpeg][:limit]
+    return [(data if jpeg else np.asarray(data).reshape(h, w, 3), h, w)
+            for data, h, w, jpeg in islice(stored_images(reader, path, "image"), limit)]
 
 
 def file_jpegs(paths: Sequence[Path], limit: int) -> list[tuple[np.ndarray, int, int]]:
@@ -90,8 +95,11 @@ def _ffcv(jpegs: list, size: int) -> Callable[[], Any]:
 
     def run() -> np.ndarray:
         for i, ((data, h, w), views) in enumerate(zip(jpegs, crop)):
-            imdecode(data, scratch, h, w, h, w, 0, 0, 1, 1, False, False)
-            image = scratch[: h * w * 3].reshape(h, w, 3)
+            if data.ndim == 3:  # a raw sample: nothing to decode
+                image = data
+            else:
+                imdecode(data, scratch, h, w, h, w, 0, 0, 1, 1, False, False)
+                image = scratch[: h * w * 3].reshape(h, w, 3)
             for v, (top, left, ch, cw) in enumerate(views):
                 resize_crop(image, top, top + ch, left, left + cw, out[i, v])
         return out
@@ -186,7 +194,7 @@ def single_thread(backend: str, jpegs: list, size: int, repeats: int) -> Measure
     import torch
 
     if not jpegs:
-        raise ValueError(f"{backend} ceiling: no JPEG images to measure it on")
+        raise ValueError(f"{backend} ceiling: no images to measure it on")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -199,9 +207,9 @@ def single_thread(backend: str, jpegs: list, size: int, repeats: int) -> Measure
 def megapixels(jpegs: list) -> float:
     """Mean megapixels of the decoded images."""
     if not jpegs:
-        raise ValueError("no JPEG images to measure the ceiling on")
+        raise ValueError("no images to measure the ceiling on")
     return round(math.fsum(h * w for _, h, w in jpegs) / len(jpegs) / 1e6, 4)
 
 
-__all__ = ["KERNELS", "KERNELS_OF", "beton_jpegs", "boxes", "file_jpegs", "megapixels",
+__all__ = ["KERNELS", "KERNELS_OF", "beton_images", "boxes", "file_jpegs", "megapixels",
            "single_thread", "views"]

@@ -257,7 +257,7 @@ def add_ceilings(report: BenchmarkReport, paths: dict[str, Path], args: argparse
     for backend in sorted(wanted):
         fmt = ceilings.KERNELS[backend][0]
         try:
-            jpegs = (ceilings.beton_jpegs(paths["beton"], args.ceiling_images) if fmt == "beton"
+            jpegs = (ceilings.beton_images(paths["beton"], args.ceiling_images) if fmt == "beton"
                      else ceilings.file_jpegs(_data.list_images(paths["imagefolder"]),
                                               args.ceiling_images))
             m = ceilings.single_thread(backend, jpegs, args.image_size, args.repeats)

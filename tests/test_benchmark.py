@@ -340,7 +340,7 @@ def test_loaders_failed_variant_is_recorded_and_the_rest_measured(tmp_path, monk
     # The ceiling of nvjpeg's kernels runs over the (empty) image folder: its own error row.
     assert _rows_on_disk(path) == [
         ("synthetic", None), ("pil_full", "out of memory"), ("nvjpeg", None),
-        ("ceiling: torchvision", "ValueError: torchvision ceiling: no JPEG images to measure it on")]
+        ("ceiling: torchvision", "ValueError: torchvision ceiling: no images to measure it on")]
     assert data["baseline"] is None  # pil_full failed: no ratios
     assert data["rows"][1]["data_format"] == "imagefolder"
 

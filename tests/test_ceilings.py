@@ -67,29 +67,41 @@ def test_kernels_cut_the_crop_boxes(backend: str) -> None:
             assert _psnr(made[i, v], reference) > 25, (backend, i, v)
 
 
-def test_beton_jpegs_are_the_stored_samples(tmp_path: Path) -> None:
-    pytest.importorskip("ffcv")
-    from ffcv.fields.decoders import IntDecoder
-    from ffcv.loader import Loader, OrderOption
+def test_ffcv_kernels_take_raw_samples_undecoded() -> None:
+    if not _installed("ffcv"):
+        pytest.skip("ffcv is not installed")
+    jpegs = _jpegs()
+    pixels = [(np.asarray(Image.open(io.BytesIO(d.tobytes())).convert("RGB")), h, w) for d, h, w in jpegs]
+    run = ceilings.KERNELS["ffcv"][1]
+    from_jpeg, from_raw = (ceilings.views("ffcv", run(x, SIZE)()) for x in (jpegs, pixels))
+    assert min(_psnr(a, b) for a, b in zip(from_jpeg, from_raw)) > 40  # the decoders' rounding
 
+
+def test_beton_images_are_the_stored_samples(tmp_path: Path) -> None:
+    pytest.importorskip("ffcv")
     from data_prep.make_toy_imagenet import make_toy_imagenet
     from data_prep.sources import list_image_folder
     from data_prep.to_ffcv import convert
 
-    make_toy_imagenet(tmp_path / "photo", num_classes=2, train_per_class=3, val_per_class=1,
-                      min_side=200, max_side=300, quirks=False, style="photo")
-    beton = tmp_path / "jpg.beton"
-    convert(list_image_folder(tmp_path / "photo" / "train"), beton, write_mode="jpg",
+    # Sources under --max-resolution: a raw sample is its source's pixels, a JPEG sample a
+    # re-encoding of them at the source's size.
+    make_toy_imagenet(tmp_path / "photo", num_classes=2, train_per_class=4, val_per_class=1,
+                      min_side=150, max_side=250, quirks=False, style="photo")
+    items = list_image_folder(tmp_path / "photo" / "train").items
+    beton = tmp_path / "mixed.beton"  # the README's ImageNet mode: some JPEG, some raw
+    convert(list_image_folder(tmp_path / "photo" / "train"), beton, write_mode="proportion",
             max_resolution=256, quiet=True)
-    stored = ceilings.beton_jpegs(beton, limit=100)
-    assert len(stored) == 6
-    # ffcv's own loader decodes each sample to the size the table says; so does Pillow here.
-    loader = Loader(str(beton), batch_size=6, order=OrderOption.SEQUENTIAL,
-                    pipelines={"image": None, "label": [IntDecoder()]})
-    assert len(list(loader)) == 1
-    for data, h, w in stored:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
-            assert im.format == "JPEG" and im.size == (w, h) and max(h, w) <= 256
+    stored = ceilings.beton_images(beton, limit=100)
+    assert len(stored) == 8 and len(ceilings.beton_images(beton, limit=3)) == 3
+    assert 0 < sum(data.ndim == 3 for data, _, _ in stored) < 8
+    for (data, h, w), item in zip(stored, items):
+        source = np.asarray(Image.open(item.path).convert("RGB"))
+        if data.ndim == 3:
+            assert np.array_equal(data, source)
+        else:
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                assert im.format == "JPEG" and im.size == (w, h) == source.shape[1::-1]
+                assert _psnr(np.asarray(im.convert("RGB")), source) > 30
 
 
 def test_loader_rows_get_their_share_of_the_ceiling(tmp_path, monkeypatch) -> None:
