@@ -100,6 +100,20 @@ def test_threads_and_copies_do_not_change_the_batches(train_loader, betons):
     assert_same(one, epoch_tensors(two))  # each batch cloned as soon as it arrives
 
 
+def test_kept_batches_stay_as_handed_out(train_loader):
+    # copy=True: batches (or views of them) a consumer keeps never change, although FFCV
+    # refills its own buffers a few batches later.
+    train_loader.set_epoch(3)
+    reference = epoch_tensors(train_loader)  # each batch cloned as it arrives
+    kept = [batch.view1 if k % 4 == 0 else batch
+            for k, batch in enumerate(train_loader) if k % 2 == 0]
+    assert len(kept) >= 3
+    for j, held in enumerate(kept):
+        k = 2 * j
+        expected = reference[2 * k] if k % 4 else reference[2 * k][: B]
+        assert torch.equal(held.views if k % 4 else held, expected)
+
+
 def test_mid_epoch_resume(train_loader, betons):
     train_loader.set_epoch(5)
     full = epoch_tensors(train_loader)
