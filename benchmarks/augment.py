@@ -105,7 +105,8 @@ def pil_colour_pipeline(crops: torch.Tensor) -> Callable[[], Any]:
     """The official recipe's steps after RandomResizedCrop, per image in PIL (pil_loader's)."""
     from torchvision import transforms
 
-    from fastsiam.data.pil_loader import IMAGENET_MEAN, IMAGENET_STD, RandomGaussianBlurPIL
+    from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
+    from fastsiam.data.pil_loader import RandomGaussianBlurPIL
 
     tf = transforms.Compose([
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),

@@ -101,7 +101,7 @@ CAPTURE_K="cuda_graph and not compile"
 
 ENV_PY='import importlib.util, shutil, subprocess, sys
 import torch, torchvision
-from fastsiam.benchmark import git_commit
+from fastsiam.runtime import git_commit
 cuda = torch.cuda.is_available()
 print("fastsiam gpu suite, commit", git_commit(), "| python", sys.version.split()[0], "| torch",
       torch.__version__, "| torchvision", torchvision.__version__, "| cuda:", cuda and torch.cuda.get_device_name(0))

@@ -52,7 +52,7 @@ from fastsiam.benchmark import (
     reset_peak_memory,
     traffic_by_function,
 )
-from fastsiam.config import AugConfig, OptimConfig
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, OptimConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam, simsiam_loss
 from fastsiam.optim import build_optimizer
@@ -127,8 +127,8 @@ class Normalize:
     """uint8 views -> ImageNet-normalized floats of ``dtype`` (layout preserved)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
         self.dtype = dtype
 
     def __call__(self, batch: TwoViewBatch) -> tuple[Tensor, Tensor]:

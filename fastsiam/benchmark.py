@@ -51,7 +51,6 @@ import platform
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -164,22 +163,6 @@ def _version(*dists: str) -> str | None:
     return None
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 #: The "device" of counted results: CUDA code traced on fake tensors (kernels and bytes, no time).
 FAKE_CUDA = "fake-cuda"
 
@@ -235,6 +218,8 @@ def environment(device: str) -> dict[str, Any]:
         versions["cuda"] = torch.version.cuda
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         versions["cudnn"] = str(cudnn) if cudnn else None
+    from fastsiam.runtime import git_commit
+
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "git_commit": git_commit(),

@@ -49,6 +49,10 @@ def _f(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> An
 
 
 TASKS = ("pretrain", "linear")
+# ImageNet's per-channel mean and std on [0, 1] pixels (torchvision's, as the official recipe
+# normalizes): the default of aug.mean/aug.std and of everything that normalizes without a config.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -82,8 +86,8 @@ class AugConfig:
     blur_kernel_size: int = _f(23, min=1, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
     solarize_p: float = _f(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
     solarize_threshold: float = _f(0.5, min=0.0, max=1.0)
-    mean: list[float] = _f([0.485, 0.456, 0.406], length=3)
-    std: list[float] = _f([0.229, 0.224, 0.225], length=3, min=1e-6)
+    mean: list[float] = _f(list(IMAGENET_MEAN), length=3)
+    std: list[float] = _f(list(IMAGENET_STD), length=3, min=1e-6)
 
 
 @dataclass

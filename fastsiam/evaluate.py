@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fastsiam import dist
 from fastsiam.augment import to_normalized
 from fastsiam.classifier import LinearClassifier
-from fastsiam.config import Config
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from fastsiam.data import EvalBatch, build_loader_from_config
 from fastsiam.dist import DistInfo
 from fastsiam.metrics import progress
@@ -234,8 +234,8 @@ def knn_evaluate(
     k: int = 200,
     temperature: float = 0.07,
     device: str | torch.device = "cpu",
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     num_classes: int | None = None,
     amp: str = "none",
     show_progress: bool = True,

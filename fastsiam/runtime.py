@@ -1,8 +1,10 @@
 """The few runtime translations of config values that several modules need, each in one place:
-the memory format, the AMP dtype, the batch-scaled learning rate and the run's work dir."""
+the memory format, the AMP dtype, the batch-scaled learning rate and the run's work dir; and
+the source commit a run or a benchmark records."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import torch
@@ -27,3 +29,17 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 def default_work_dir(cfg: Config) -> Path:
     """``output.work_dir``, else ``work_dirs/<config name>`` (the name is not inherited)."""
     return Path(cfg.output.work_dir or Path("work_dirs") / cfg.name)
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked
+    files), or None outside a git checkout (an installed package)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, cwd=here).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None

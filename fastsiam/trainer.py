@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes, restart_batch
-from fastsiam.runtime import AMP_DTYPES, default_work_dir, memory_format, scaled_lr
+from fastsiam.runtime import AMP_DTYPES, default_work_dir, git_commit, memory_format, scaled_lr
 from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm
 from fastsiam.weights import WeightsError, check_resumable
@@ -217,7 +216,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
             "fastsiam_version": fastsiam.__version__,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -564,9 +563,3 @@ def _first_line_of(e: BaseException) -> str:
     return detail if len(detail) <= 300 else detail[:297] + "..."
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None

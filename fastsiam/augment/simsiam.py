@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsiam.augment import functional as AF
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.data.batch import TwoViewBatch
 
 __all__ = ["AugParams", "SimSiamAugment", "to_normalized"]
@@ -147,8 +148,8 @@ class SimSiamAugment(nn.Module):
         blur_kernel_size: int = 23,
         solarize_p: float = 0.0,
         solarize_threshold: float = 0.5,
-        mean: tuple[float, ...] | list[float] = (0.485, 0.456, 0.406),
-        std: tuple[float, ...] | list[float] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
+        std: tuple[float, ...] | list[float] = IMAGENET_STD,
         out_dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
         compute_dtype: torch.dtype | None = None,

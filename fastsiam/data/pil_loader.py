@@ -40,10 +40,9 @@ from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
 from fastsiam.data.jpeg import BLACK_SIDE
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.imageio import to_rgb
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RandomGaussianBlurPIL:
