@@ -56,6 +56,7 @@ from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, OptimConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam, simsiam_loss
 from fastsiam.optim import build_optimizer
+from fastsiam.runtime import AMP_DTYPES, memory_format, scaled_lr
 from fastsiam.step import build_step
 
 RESNET50_224_GFLOP = 49.3  # per image: two views, forward + backward (the figure)
@@ -175,9 +176,9 @@ def load_augment(dtype: torch.dtype) -> Any | None:
 def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = SimSiam(args.arch, args.dim, args.pred_dim).to(device)
-    optimizer = build_optimizer(model, OptimConfig(impl=v.impl), lr=0.05 * args.batch_size / 256,
+    optimizer = build_optimizer(model, OptimConfig(impl=v.impl), lr=scaled_lr(OptimConfig().lr, args.batch_size),
                                 device=device)
-    dtype = torch.bfloat16 if v.amp == "bf16" else torch.float32
+    dtype = AMP_DTYPES[v.amp] or torch.float32
     augment = Normalize(device, dtype) if v.augment == "normalize" else load_augment(dtype)
     if augment is None:
         return {"skipped": "fastsiam.augment.SimSiamAugment is not available yet"}
@@ -186,7 +187,7 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
         warnings.simplefilter("ignore")  # the CPU run's notices are expected
         step = build_step(train_module, optimizer, augment, device=device, amp=v.amp,
                           channels_last=v.channels_last, mode=v.mode)
-    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+    fmt = memory_format(v.channels_last)
     g = torch.Generator().manual_seed(0)
     views = torch.randint(0, 256, (2 * args.batch_size, 3, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=g).to(device).contiguous(memory_format=fmt)
@@ -232,7 +233,7 @@ def count(args: argparse.Namespace, bandwidth: float) -> BenchmarkReport:
 
     with fake_cuda(callers=True) as trace:
         model = SimSiam(args.arch, args.dim, args.pred_dim).to("cuda", memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, OptimConfig(impl="fused"), lr=0.05 * args.batch_size / 256,
+        optimizer = build_optimizer(model, OptimConfig(impl="fused"), lr=scaled_lr(OptimConfig().lr, args.batch_size),
                                     device="cuda")
         step = build_step(model, optimizer, load_augment(torch.bfloat16), device="cuda", amp="bf16",
                           mode="graph")

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from fastsiam.augment import functional as AF
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.data.batch import TwoViewBatch
+from fastsiam.runtime import memory_format
 
 __all__ = ["AugParams", "SimSiamAugment", "to_normalized"]
 
@@ -417,7 +418,7 @@ class SimSiamAugment(nn.Module):
 
     def _normalize(self, x: Tensor, consts: dict[str, Tensor]) -> Tensor:
         """``(x - mean) / std`` written straight into the output dtype and memory format."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = memory_format(self.channels_last)
         if torch.compiler.is_compiling():
             # Under torch.compile an out= tensor loses its memory format; the fused cast keeps it.
             return torch.addcmul(consts["shift"], x, consts["scale"]).to(self.out_dtype).contiguous(memory_format=fmt)
@@ -425,8 +426,7 @@ class SimSiamAugment(nn.Module):
         return torch.addcmul(consts["shift"], x, consts["scale"], out=out)
 
     def _finish(self, x: Tensor) -> Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(dtype=self.out_dtype, memory_format=fmt)
+        return x.to(dtype=self.out_dtype, memory_format=memory_format(self.channels_last))
 
 
 _NORMALIZE_CONSTANTS: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
