@@ -8,7 +8,7 @@ of worker threads or processes the loader gets: what it could reach if the overh
 zero and the workers scaled perfectly. A loader row's ``of_ceiling`` is its rate over that.
 
 - ``ffcv``: FFCV's own ``imdecode`` (libjpeg-turbo) and ``resize_crop`` (OpenCV INTER_AREA)
-  on the .beton's stored samples (raw ones need no decode), as :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` calls them;
+  on the .beton's stored samples (raw ones need no decode), as :class:`~fastsiam.data.ffcv_decoder.TwoCropDecoder` calls them;
 - ``torchvision``: ``decode_jpeg`` (libjpeg-turbo) and two uint8 antialiased
   ``resized_crop`` calls, the nvjpeg backend's CPU path, on the shards' original JPEGs;
 - ``pil``: Pillow's decode and two bilinear crop-resizes (what torchvision's

@@ -71,7 +71,7 @@ from fastsiam.benchmark import (  # noqa: E402
 )
 from fastsiam.config import AugConfig, Config, load_config  # noqa: E402
 from fastsiam.data import TwoViewBatch, build_loader_from_config  # noqa: E402
-from fastsiam.metrics import read_metrics  # noqa: E402
+from fastsiam.run_log import read_metrics  # noqa: E402
 from fastsiam.trainer import Trainer  # noqa: E402
 
 

@@ -331,7 +331,7 @@ def render(results_dir: Path, out: Path, plots_dir: Path | None) -> str:
         parts += [f"- {line}" for line in bad]
         parts.append("")
     text = "\n".join(parts).rstrip() + "\n"
-    from fastsiam.io import atomic_open
+    from fastsiam.files import atomic_open
 
     with atomic_open(out, "w") as f:
         f.write(text)

@@ -93,7 +93,7 @@ def output_lock(out: Path) -> Iterator[None]:
     refused, naming the first one's PID. The kernel drops the lock when its holder dies
     (``kill -9`` included), so a lock file left behind never blocks a later run.
     """
-    from fastsiam.io import LockedError, exclusive_lock
+    from fastsiam.files import LockedError, exclusive_lock
 
     with contextlib.ExitStack() as stack:
         try:
@@ -180,7 +180,7 @@ def classes_json(classes: Sequence[str]) -> str:
 
 def write_classes(path: str | os.PathLike[str], classes: Sequence[str]) -> None:
     """Write :func:`classes_json` atomically."""
-    from fastsiam.io import atomic_open
+    from fastsiam.files import atomic_open
 
     with atomic_open(path, "w") as f:
         f.write(classes_json(classes))
@@ -718,7 +718,7 @@ class Skipped:
                 f"# path\treason\n{rows}")
 
     def write(self, path: str | os.PathLike[str], root: str) -> None:
-        from fastsiam.io import atomic_open
+        from fastsiam.files import atomic_open
 
         with atomic_open(path, "wb") as f:
             f.write(self.text(root).encode("utf-8"))
@@ -813,7 +813,7 @@ def progress(total: int, desc: str, quiet: bool = False):
 def make_readable(paths: Iterable[str | os.PathLike[str]]) -> None:
     """Give output files the usual permissions (0666 minus the umask).
 
-    Files written through ``fastsiam.io.atomic_path`` start as private ``mkstemp`` files
+    Files written through ``fastsiam.files.atomic_path`` start as private ``mkstemp`` files
     (0600); a dataset is meant to be read by other users and jobs.
     """
     mask = os.umask(0)

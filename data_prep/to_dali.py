@@ -155,7 +155,7 @@ def _load_journal(staging: Path, fingerprint: str) -> list[dict[str, Any]]:
     """The interrupted run's finished shards (one record each, in order), every one re-checked
     by its checksums; stops at the first missing, unreadable or damaged shard."""
     from fastsiam.data.shards import ShardEntry
-    from fastsiam.io import file_sha256
+    from fastsiam.files import file_sha256
 
     records: list[dict[str, Any]] = []
     while (path := staging / _record_name(len(records))).exists():
@@ -179,7 +179,7 @@ def _load_journal(staging: Path, fingerprint: str) -> list[dict[str, Any]]:
 
 
 def _write_record(staging: Path, shard: int, record: dict[str, Any]) -> None:
-    from fastsiam.io import atomic_open
+    from fastsiam.files import atomic_open
 
     with atomic_open(staging / _record_name(shard), "w") as f:
         json.dump(record, f)
@@ -401,7 +401,7 @@ def verify(out: str | os.PathLike[str], items: list[Item], *, samples: int = 64,
     import numpy as np
 
     from fastsiam.data.shards import read_index, read_manifest
-    from fastsiam.io import file_sha256
+    from fastsiam.files import file_sha256
 
     out = Path(out)
     manifest = read_manifest(out)

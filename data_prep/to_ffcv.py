@@ -87,7 +87,7 @@ from data_prep.sources import (
     verify_indices,
 )
 from fastsiam.data.beton import side_file
-from fastsiam.io import remove_partials
+from fastsiam.files import remove_partials
 
 FFCV_HINT = ("ffcv is not installed: pip install 'fastsiam[ffcv]' (needs the apt packages "
              "pkg-config libopencv-dev libturbojpeg0-dev)")
@@ -507,7 +507,7 @@ def _write(out: Path, dataset: PreparedImages, fields: dict[str, Any], page_size
     from ffcv.writer import DatasetWriter
 
     from fastsiam.data.beton import make_checksum_record
-    from fastsiam.io import atomic_path
+    from fastsiam.files import atomic_path
 
     with contextlib.ExitStack() as outputs:  # leaving it renames in reverse order
         tmp = outputs.enter_context(atomic_path(out))

@@ -347,7 +347,7 @@ class BenchmarkReport:
 
         Raises :class:`ResultError` (before writing anything) if the result breaks the schema.
         """
-        from fastsiam.io import atomic_open
+        from fastsiam.files import atomic_open
 
         data = self.to_dict()
         directory = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)

@@ -3,7 +3,7 @@
 A checkpoint is a dict of tensors and plain Python data only (the config as a dict, RNG
 states as tensors/lists), so it loads with ``torch.load(weights_only=True)`` and never runs
 pickled code. Files are written under a temporary name, fsync'ed and renamed (see
-:mod:`fastsiam.io`), so a crash while saving leaves the previous checkpoint intact and never a
+:mod:`fastsiam.files`), so a crash while saving leaves the previous checkpoint intact and never a
 truncated file under a checkpoint's name (a full disk or a read-only work dir is a one-line
 :class:`CheckpointError` saying that the previous checkpoint is intact).
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastsiam.io import atomic_open
+from fastsiam.files import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastsiam.config import Config, ConfigError, describe, load_config
-from fastsiam.metrics import use_progress_lines
+from fastsiam.run_log import use_progress_lines
 
 log = logging.getLogger("fastsiam")
 

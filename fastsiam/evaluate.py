@@ -26,7 +26,7 @@ from fastsiam.classifier import LinearClassifier
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, Config
 from fastsiam.data import EvalBatch, build_loader_from_config
 from fastsiam.dist import DistInfo
-from fastsiam.metrics import progress
+from fastsiam.run_log import progress
 from fastsiam.runtime import AMP_DTYPES, memory_format
 from fastsiam.weights import load_pretrained
 

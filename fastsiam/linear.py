@@ -36,10 +36,10 @@ from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
 from fastsiam.dist import DistInfo
 from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_view, topk_hits
-from fastsiam.io import atomic_open
-from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
+from fastsiam.files import atomic_open
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes
+from fastsiam.run_log import CONFIG_FILE, RunLogger, progress
 from fastsiam.runtime import default_work_dir, memory_format, scaled_lr
 from fastsiam.trainer import TrainingError
 from fastsiam.weights import load_pretrained, save_linear_checkpoint

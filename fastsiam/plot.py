@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from fastsiam.metrics import CONFIG_FILE, read_metrics
+from fastsiam.run_log import CONFIG_FILE, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

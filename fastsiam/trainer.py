@@ -6,7 +6,7 @@ The trainer only wires pieces that live elsewhere, each behind a factory:
 - device-side augmentation: ``fastsiam.augment.SimSiamAugment``;
 - optimizer and LR schedule: ``fastsiam.optim.build_optimizer`` / ``build_schedule``;
 - the training step (eager or CUDA graph): ``fastsiam.step.build_step``;
-- checkpoints: ``fastsiam.checkpoint``; records: ``fastsiam.metrics``.
+- checkpoints: ``fastsiam.checkpoint``; records: ``fastsiam.run_log``.
 
 Host synchronization happens only every ``train.log_every`` steps: losses and the collapse
 monitor stay on the device until then, so a fast step is never stalled by logging.
@@ -35,11 +35,11 @@ from fastsiam import dist
 from fastsiam.augment import SimSiamAugment
 from fastsiam.config import AugConfig, Config
 from fastsiam.data import build_loader_from_config, makes_data_up
-from fastsiam.io import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
-from fastsiam.metrics import CONFIG_FILE, RunLogger, progress
+from fastsiam.files import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes, restart_batch
+from fastsiam.run_log import CONFIG_FILE, RunLogger, progress
 from fastsiam.runtime import AMP_DTYPES, default_work_dir, git_commit, memory_format, scaled_lr
 from fastsiam.step import build_step
 from fastsiam.sync_batchnorm import convert_sync_batchnorm

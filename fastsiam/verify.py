@@ -40,7 +40,7 @@ from fastsiam.data.shards import (
     read_index_and_sha256,
     read_manifest,
 )
-from fastsiam.io import file_sha256
+from fastsiam.files import file_sha256
 
 
 @dataclass

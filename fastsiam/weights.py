@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 import fastsiam
-from fastsiam.io import atomic_path
+from fastsiam.files import atomic_path
 
 PARTS = ("backbone", "projector", "predictor", "fc")
 LINEAR_FORMAT = "fastsiam-linear"

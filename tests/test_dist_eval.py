@@ -14,7 +14,7 @@ import pytest
 import torch
 from torchvision import models
 
-from fastsiam.metrics import read_metrics
+from fastsiam.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LINEAR_IN1K = REPO / "configs" / "resnet50_simsiam-100e-pre_8xb512-linear-coslr-90e_in1k.yaml"

@@ -19,7 +19,7 @@ import fastsiam.linear as L
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import load_config
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.metrics import RunLogger
+from fastsiam.run_log import RunLogger
 from fastsiam.testing.fake_cuda import DeviceTrace, fake_cuda
 
 BATCHES, B, SIZE = 3, 8, 32

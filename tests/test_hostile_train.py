@@ -98,7 +98,7 @@ def test_an_all_skipped_epoch_never_becomes_best(toy_imagenet: Path, tmp_path: P
 
 _HOLD = """
 import sys, time
-from fastsiam.io import exclusive_lock
+from fastsiam.files import exclusive_lock
 with exclusive_lock(sys.argv[1], "work dir"):
     print("locked", flush=True)
     time.sleep(120)

@@ -50,7 +50,7 @@ def linear_run(tmp_path_factory):
 
 def test_linear_evaluation_beats_chance_and_records_the_run(linear_run):
     from fastsiam.config import load_config
-    from fastsiam.metrics import read_metrics
+    from fastsiam.run_log import read_metrics
 
     _, pretrained, res = linear_run
     assert res["top1"] >= 60.0, res  # chance is 25
@@ -156,7 +156,7 @@ def test_four_micro_batches_of_1024_are_one_lars_step_of_4096(tmp_path):
     from fastsiam.classifier import LinearClassifier
     from fastsiam.config import load_config
     from fastsiam.linear import train_linear
-    from fastsiam.metrics import RunLogger
+    from fastsiam.run_log import RunLogger
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8192, 3, 8, 8), dtype=torch.uint8, generator=g)
@@ -201,7 +201,7 @@ def test_a_non_finite_loss_stops_with_a_training_error(tmp_path):
     from fastsiam.classifier import LinearClassifier
     from fastsiam.config import load_config
     from fastsiam.linear import train_linear
-    from fastsiam.metrics import RunLogger
+    from fastsiam.run_log import RunLogger
     from fastsiam.trainer import TrainingError
 
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

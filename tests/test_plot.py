@@ -10,8 +10,8 @@ import pytest
 from matplotlib.image import imread
 
 from fastsiam.config import Config
-from fastsiam.metrics import CONFIG_FILE, RunLogger
 from fastsiam.plot import run_figures
+from fastsiam.run_log import CONFIG_FILE, RunLogger
 
 # Rows as fastsiam.linear.train_linear logs them: one per epoch (a resume adds an event row).
 LINEAR_ROWS = [

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastsiam.config import load_config
-from fastsiam.metrics import progress
+from fastsiam.run_log import progress
 from fastsiam.testing.fake_cuda import CAPTURE, fake_cuda
 from fastsiam.trainer import Trainer, TrainResult, _StopSignal
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fastsiam.io import file_sha256
+from fastsiam.files import file_sha256
 
 # The largest image side accepted (pixels). FFCV's metadata holds 16 bits; data_prep/to_ffcv.py
 # stores at most --max-resolution (500 by default), and a decoder's scratch buffer grows with

@@ -2,7 +2,7 @@
 
 FFCV (Leclerc et al., "FFCV: Accelerating Training by Removing Data Bottlenecks", CVPR 2023)
 reads a memory-mapped .beton and runs numba-compiled decoders on threads. Here the image
-field goes through :class:`~fastsiam.data.ffcv_ops.TwoCropDecoder` (one JPEG decode, two
+field goes through :class:`~fastsiam.data.ffcv_decoder.TwoCropDecoder` (one JPEG decode, two
 RandomResizedCrops), so one pass yields both SimSiam views; flips and colour work happen on
 the device. Batches are moved with FFCV's ``ToDevice(non_blocking=True)`` on FFCV's own CUDA
 streams; both views are already one channels_last block, copied once out of FFCV's
@@ -26,7 +26,7 @@ Damaged data: at build, the .beton's tables are checked against each other and t
 (:mod:`fastsiam.data.beton`: absurd image sizes, pointers outside the file, a truncated file)
 and the decoders' scratch memory against the machine's. A JPEG that does not decode is named
 (file and sample index) and follows ``on_corrupt`` (:class:`~fastsiam.data.loader.Loader`;
-``skip``: black views, from the decoders of :mod:`fastsiam.data.ffcv_ops`, which check
+``skip``: black views, from the decoders of :mod:`fastsiam.data.ffcv_decoder`, which check
 libjpeg-turbo's status where FFCV's own ignore it). Raw samples hold no redundancy to check:
 ``fastsiam verify`` (the file's checksum) is what catches flipped bytes there.
 
@@ -55,7 +55,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.beton import check_scratch, classes_path, open_beton
-from fastsiam.data.ffcv_ops import CenterCropDecoder, TwoCropDecoder, two_views
+from fastsiam.data.ffcv_decoder import CenterCropDecoder, TwoCropDecoder, two_views
 from fastsiam.data.loader import Loader
 from fastsiam.data.sampler import EpochSampler
 

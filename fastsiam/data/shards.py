@@ -157,7 +157,7 @@ def read_index_and_sha256(path: str | os.PathLike[str]) -> tuple[list[IndexEntry
 def write_index(path: str | os.PathLike[str],
                 samples: Sequence[tuple[str, Sequence[tuple[str, int, int]]]]) -> str:
     """Write :func:`format_index`'s text atomically; returns the text's sha256."""
-    from fastsiam.io import atomic_open
+    from fastsiam.files import atomic_open
 
     data = format_index(samples).encode()
     with atomic_open(path, "wb") as f:
@@ -237,7 +237,7 @@ class ShardWriter:
     """
 
     def __init__(self, tar_path: str | os.PathLike[str], index_path: str | os.PathLike[str]):
-        from fastsiam.io import atomic_path
+        from fastsiam.files import atomic_path
 
         self.tar_path, self.index_path = Path(tar_path), Path(index_path)
         self._stack = contextlib.ExitStack()
@@ -411,7 +411,7 @@ def read_manifest(root: str | os.PathLike[str]) -> Manifest:
 
 
 def write_manifest(root: str | os.PathLike[str], manifest: Manifest) -> None:
-    from fastsiam.io import atomic_open
+    from fastsiam.files import atomic_open
 
     with atomic_open(Path(root) / MANIFEST_NAME, "w") as f:
         f.write(manifest.to_json())

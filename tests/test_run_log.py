@@ -1,4 +1,4 @@
-"""Run records (fastsiam.metrics): metrics.jsonl, TensorBoard events, progress lines."""
+"""Run records (fastsiam.run_log): metrics.jsonl, TensorBoard events, progress lines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_trainer import records, train
 
-from fastsiam.metrics import ProgressLines
+from fastsiam.run_log import ProgressLines
 
 
 def test_tensorboard_events_hold_the_metrics_of_the_run(toy_imagenet: Path, tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_tensorboard_events_hold_the_metrics_of_the_run(toy_imagenet: Path, tmp_
 
 def test_progress_lines_count_rate_and_eta(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("fastsiam.metrics.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("fastsiam.run_log.time.perf_counter", lambda: now[0])
     bar = ProgressLines(total=1000, initial=0, desc="train", interval=10.0)
     now[0] = 102.0
     bar.update(100)                 # 2 s after the last line: below the interval, no line
