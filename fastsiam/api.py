@@ -40,7 +40,8 @@ from fastsiam.weights import (
     read_weights,
 )
 
-PARTS = {"pretrain": ("backbone", "projector", "predictor"), "linear": ("backbone", "fc")}
+# The parts of the model each task's checkpoint holds (weights.MODEL_PARTS: every part).
+PARTS_OF_TASK = {"pretrain": ("backbone", "projector", "predictor"), "linear": ("backbone", "fc")}
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def get_model(
     model = build_model(cfg, task, num_classes=int(fc.shape[0]) if fc is not None else None)
     classes = None
     if weights is not None:
-        load_parts(model, weights, PARTS[task], str(pretrained))
+        load_parts(model, weights, PARTS_OF_TASK[task], str(pretrained))
         classes = classes_of(obj)
         if classes is not None and isinstance(model, LinearClassifier) and len(classes) != model.num_classes:
             raise ValueError(f"{pretrained}: names {len(classes)} classes but its head has {model.num_classes} "

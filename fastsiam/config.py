@@ -41,7 +41,7 @@ class ConfigError(ValueError):
     """A config problem, reported as one line naming the file and key."""
 
 
-def _f(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> Any:
+def _field(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> Any:
     meta["help"] = help
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -57,113 +57,113 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    backend: str = _f("pil", help="loader backend: pil | ffcv | dali | nvjpeg | synthetic")
-    train_path: str = _f("", help="training data: ImageFolder dir (pil), .beton (ffcv), shards dir (dali/nvjpeg)")
-    val_path: str | None = _f(None, help="validation data in the same format, for kNN and linear eval")
-    batch_size: int = _f(32, min=1, help="images per GPU (per process) per step")
-    workers: int = _f(8, min=0, help="loader worker processes/threads per process")
-    image_size: int = _f(224, min=8, help="side of the square crops fed to the model")
-    scale: list[float] = _f([0.2, 1.0], length=2, min=0.0, max=1.0, ordered=True,
+    backend: str = _field("pil", help="loader backend: pil | ffcv | dali | nvjpeg | synthetic")
+    train_path: str = _field("", help="training data: ImageFolder dir (pil), .beton (ffcv), shards dir (dali/nvjpeg)")
+    val_path: str | None = _field(None, help="validation data in the same format, for kNN and linear eval")
+    batch_size: int = _field(32, min=1, help="images per GPU (per process) per step")
+    workers: int = _field(8, min=0, help="loader worker processes/threads per process")
+    image_size: int = _field(224, min=8, help="side of the square crops fed to the model")
+    scale: list[float] = _field([0.2, 1.0], length=2, min=0.0, max=1.0, ordered=True,
                             help="RandomResizedCrop area range [min, max]")
-    ratio: list[float] = _f([0.75, 1.3333333333333333], length=2, gt=0.0, ordered=True,
+    ratio: list[float] = _field([0.75, 1.3333333333333333], length=2, gt=0.0, ordered=True,
                             help="RandomResizedCrop aspect range [min, max]")
-    options: dict[str, Any] = _f({}, help="backend-specific keyword arguments (of the backend's build())")
-    on_corrupt: str = _f("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
+    options: dict[str, Any] = _field({}, help="backend-specific keyword arguments (of the backend's build())")
+    on_corrupt: str = _field("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
                          "with an error naming its shard/file and sample, or skip it (logged and counted)")
 
 
 @dataclass
 class AugConfig:
-    hflip_p: float = _f(0.5, min=0.0, max=1.0)
-    color_jitter_p: float = _f(0.8, min=0.0, max=1.0)
-    brightness: float = _f(0.4, min=0.0)
-    contrast: float = _f(0.4, min=0.0)
-    saturation: float = _f(0.4, min=0.0)
-    hue: float = _f(0.1, min=0.0, max=0.5)
-    grayscale_p: float = _f(0.2, min=0.0, max=1.0)
-    blur_p: float = _f(0.5, min=0.0, max=1.0)
-    blur_sigma: list[float] = _f([0.1, 2.0], length=2, gt=0.0, ordered=True)
-    blur_kernel_size: int = _f(23, min=1, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
-    solarize_p: float = _f(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
-    solarize_threshold: float = _f(0.5, min=0.0, max=1.0)
-    mean: list[float] = _f(list(IMAGENET_MEAN), length=3)
-    std: list[float] = _f(list(IMAGENET_STD), length=3, min=1e-6)
+    hflip_p: float = _field(0.5, min=0.0, max=1.0)
+    color_jitter_p: float = _field(0.8, min=0.0, max=1.0)
+    brightness: float = _field(0.4, min=0.0)
+    contrast: float = _field(0.4, min=0.0)
+    saturation: float = _field(0.4, min=0.0)
+    hue: float = _field(0.1, min=0.0, max=0.5)
+    grayscale_p: float = _field(0.2, min=0.0, max=1.0)
+    blur_p: float = _field(0.5, min=0.0, max=1.0)
+    blur_sigma: list[float] = _field([0.1, 2.0], length=2, gt=0.0, ordered=True)
+    blur_kernel_size: int = _field(23, min=1, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
+    solarize_p: float = _field(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
+    solarize_threshold: float = _field(0.5, min=0.0, max=1.0)
+    mean: list[float] = _field(list(IMAGENET_MEAN), length=3)
+    std: list[float] = _field(list(IMAGENET_STD), length=3, min=1e-6)
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("resnet50", choices=["resnet18", "resnet34", "resnet50"])
-    dim: int = _f(2048, min=1, help="projector output dimension")
-    pred_dim: int = _f(512, min=1, help="predictor hidden dimension")
-    small_input: bool = _f(False, help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
-    sync_bn: bool = _f(True, help="SyncBatchNorm under DDP, as the official recipe")
-    num_classes: int | None = _f(None, min=1, help="outputs of the linear classifier (linear eval); "
+    backbone: str = _field("resnet50", choices=["resnet18", "resnet34", "resnet50"])
+    dim: int = _field(2048, min=1, help="projector output dimension")
+    pred_dim: int = _field(512, min=1, help="predictor hidden dimension")
+    small_input: bool = _field(False, help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
+    sync_bn: bool = _field(True, help="SyncBatchNorm under DDP, as the official recipe")
+    num_classes: int | None = _field(None, min=1, help="outputs of the linear classifier (linear eval); "
                                  "null: the training data's class count")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _f("sgd", choices=["sgd", "lars"])
-    lr: float = _f(0.05, min=0.0, max=1e30, help="base lr per 256 images; the run uses lr x global_batch / 256 "
+    name: str = _field("sgd", choices=["sgd", "lars"])
+    lr: float = _field(0.05, min=0.0, max=1e30, help="base lr per 256 images; the run uses lr x global_batch / 256 "
                    "(at most 1e30: that must fit the float32 lr tensors; a diverging lr stops at a non-finite loss)")
-    momentum: float = _f(0.9, min=0.0, max=1.0)
-    weight_decay: float = _f(1e-4, min=0.0, max=1.0, help="at most 1 (recipes use 1e-6 to 0.1)")
-    fix_pred_lr: bool = _f(True, help="keep the predictor at the initial lr (the official recipe)")
-    exclude_1d_from_wd: bool = _f(False, help="no weight decay (nor LARS adaptation) for 1-D params")
-    trust_coefficient: float = _f(0.001, min=0.0, help="LARS trust coefficient")
-    impl: str = _f("auto", choices=["auto", "torch", "foreach", "fused", "apex"],
+    momentum: float = _field(0.9, min=0.0, max=1.0)
+    weight_decay: float = _field(1e-4, min=0.0, max=1.0, help="at most 1 (recipes use 1e-6 to 0.1)")
+    fix_pred_lr: bool = _field(True, help="keep the predictor at the initial lr (the official recipe)")
+    exclude_1d_from_wd: bool = _field(False, help="no weight decay (nor LARS adaptation) for 1-D params")
+    trust_coefficient: float = _field(0.001, min=0.0, help="LARS trust coefficient")
+    impl: str = _field("auto", choices=["auto", "torch", "foreach", "fused", "apex"],
                    help="auto: fused on CUDA, foreach on CPU; torch: plain torch.optim.SGD")
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = _f("cosine", choices=["cosine", "cosine_epoch", "constant"],
+    name: str = _field("cosine", choices=["cosine", "cosine_epoch", "constant"],
                    help="cosine: per step; cosine_epoch: the official per-epoch cosine")
-    warmup_epochs: float = _f(0.0, min=0.0)
-    min_lr: float = _f(0.0, min=0.0, max=1.0, help="final lr as a fraction of the peak")
+    warmup_epochs: float = _field(0.0, min=0.0)
+    min_lr: float = _field(0.0, min=0.0, max=1.0, help="final lr as a fraction of the peak")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(100, min=1)
-    device: str = _f("auto", help="auto | cpu | cuda | cuda:N")
-    amp: str = _f("bf16", choices=["none", "bf16", "fp16"], help="autocast dtype on CUDA (CPU: bf16 or none)")
-    channels_last: bool = _f(True)
-    step: str = _f("eager", choices=["eager", "graph"], help="graph: capture the step once as a CUDA graph")
-    seed: int = _f(0, min=0)
-    deterministic: bool = _f(False, help="bit-reproducible on the CPU (slower)")
-    max_steps: int | None = _f(None, min=1, help="stop after this many optimizer steps")
-    accumulate_steps: int = _f(1, min=1, help="fastsiam linear: micro-batches of data.batch_size per optimizer "
+    epochs: int = _field(100, min=1)
+    device: str = _field("auto", help="auto | cpu | cuda | cuda:N")
+    amp: str = _field("bf16", choices=["none", "bf16", "fp16"], help="autocast dtype on CUDA (CPU: bf16 or none)")
+    channels_last: bool = _field(True)
+    step: str = _field("eager", choices=["eager", "graph"], help="graph: capture the step once as a CUDA graph")
+    seed: int = _field(0, min=0)
+    deterministic: bool = _field(False, help="bit-reproducible on the CPU (slower)")
+    max_steps: int | None = _field(None, min=1, help="stop after this many optimizer steps")
+    accumulate_steps: int = _field(1, min=1, help="fastsiam linear: micro-batches of data.batch_size per optimizer "
                                "step (the batch and lr are those of batch_size x this; pretraining refuses it)")
-    log_every: int = _f(10, min=1, help="steps between host syncs for logging")
-    on_nonfinite: str = _f("stop", choices=["stop", "skip"],
+    log_every: int = _field(10, min=1, help="steps between host syncs for logging")
+    on_nonfinite: str = _field("stop", choices=["stop", "skip"],
                            help="a non-finite loss: stop with a debug checkpoint, or skip that step's update")
-    max_skipped_steps: int = _f(20, min=1, help="with on_nonfinite=skip: stop as 'stop' does after this "
+    max_skipped_steps: int = _field(20, min=1, help="with on_nonfinite=skip: stop as 'stop' does after this "
                                 "many consecutive skipped steps")
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = _f(0, min=0, help="epochs between kNN monitor runs on data.val_path (0: off); "
+    knn_every: int = _field(0, min=0, help="epochs between kNN monitor runs on data.val_path (0: off); "
                         "when on, the random-init network is measured first and the last epoch always")
-    knn_k: int = _f(200, min=1)
-    knn_temperature: float = _f(0.07, min=1e-6)
-    pretrained: str | None = _f(None, help="checkpoint for linear/kNN evaluation")
+    knn_k: int = _field(200, min=1)
+    knn_temperature: float = _field(0.07, min=1e-6)
+    pretrained: str | None = _field(None, help="checkpoint for linear/kNN evaluation")
 
 
 @dataclass
 class DistConfig:
-    backend: str = _f("auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA, gloo on CPU")
-    timeout_s: float = _f(1800.0, min=1.0, help="seconds a collective may wait for the other ranks before "
+    backend: str = _field("auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = _field(1800.0, min=1.0, help="seconds a collective may wait for the other ranks before "
                           "the job fails (torch's default is 600; a kNN bank or a checkpoint on a slow "
                           "disk can take longer)")
 
 
 @dataclass
 class OutputConfig:
-    work_dir: str | None = _f(None, help="default: work_dirs/<config file stem>; not inherited through _base_")
-    keep_last: int = _f(3, min=1, help="checkpoints kept besides the best")
-    tensorboard: bool = _f(False)
+    work_dir: str | None = _field(None, help="default: work_dirs/<config file stem>; not inherited through _base_")
+    keep_last: int = _field(3, min=1, help="checkpoints kept besides the best")
+    tensorboard: bool = _field(False)
 
 
 @dataclass
@@ -177,8 +177,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    name: str = _f("fastsiam", help="run name; set from the config file's stem when loaded")
-    task: str = _f("pretrain", choices=list(TASKS),
+    name: str = _field("fastsiam", help="run name; set from the config file's stem when loaded")
+    task: str = _field("pretrain", choices=list(TASKS),
                    help="the model the config describes: pretrain (SimSiam, fastsiam train) or linear "
                         "(a classifier on a frozen backbone, fastsiam linear); get_model and predict build it")
 

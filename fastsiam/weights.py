@@ -54,7 +54,8 @@ from torch import Tensor, nn
 import fastsiam
 from fastsiam.files import atomic_path
 
-PARTS = ("backbone", "projector", "predictor", "fc")
+# Every part of a fastsiam model a checkpoint can hold (the state-dict prefixes).
+MODEL_PARTS = ("backbone", "projector", "predictor", "fc")
 LINEAR_FORMAT = "fastsiam-linear"
 _NECK_LAYER = re.compile(r"^(fc|bn)(\d+)\.(.+)$")
 
@@ -216,7 +217,7 @@ def _strip_module(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _canonical_key(key: str) -> str | None:
     """The canonical name of one key (``None``: unknown)."""
     head, _, rest = key.partition(".")
-    if head in PARTS:
+    if head in MODEL_PARTS:
         return key
     if head == "encoder":  # official SimSiam: projector lives in encoder.fc
         if rest.startswith("fc."):
@@ -271,9 +272,9 @@ def load_parts(
     shape mismatches raise :class:`WeightsError` listing them.
     """
     parts = tuple(parts)
-    bad = [p for p in parts if p not in PARTS]
+    bad = [p for p in parts if p not in MODEL_PARTS]
     if bad:
-        raise ValueError(f"unknown parts {bad}; expected some of {PARTS}")
+        raise ValueError(f"unknown parts {bad}; expected some of {MODEL_PARTS}")
     prefixes = tuple(p + "." for p in parts)
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     given = {k: v for k, v in canonical.items() if k.startswith(prefixes)}
