@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import simsiam_loss, z_std
-from fastsiam.optim import _DeviceLROptimizer
+from fastsiam.optim import optimizer_info
 from fastsiam.runtime import AMP_DTYPES, memory_format
 
 MODES = ("eager", "graph")
@@ -174,7 +174,8 @@ class Step:
         self.autocast_cache = True
         _set_memory_format(model, channels_last)
         self.scaler: LossScaler | None = None
-        if skip_nonfinite and not isinstance(optimizer, _DeviceLROptimizer):
+        info = optimizer_info(optimizer)
+        if skip_nonfinite and not info.takes_found_inf:
             raise ValueError("train.on_nonfinite=skip needs fastsiam's SGD or LARS (optim.impl auto, "
                              f"foreach or fused) for its masked update; got {type(optimizer).__name__}")
         self.skip_nonfinite = skip_nonfinite
@@ -184,7 +185,7 @@ class Step:
         for b in model.buffers() if skip_nonfinite else ():
             self._buffer_groups.setdefault((b.dtype, b.device), []).append(b)
         if self.amp == "fp16":
-            if not isinstance(optimizer, _DeviceLROptimizer):
+            if not info.takes_found_inf:
                 raise ValueError("amp=fp16 needs fastsiam's SGD or LARS (optim.impl auto, foreach "
                                  f"or fused) for its masked overflow skip; got {type(optimizer).__name__}")
             self.scaler = LossScaler(self.device)
@@ -274,7 +275,7 @@ class GraphStep(Step):
                          channels_last=channels_last, skip_nonfinite=skip_nonfinite)
         if self.device.type != "cuda":
             raise ValueError(f"GraphStep needs a CUDA device, got {self.device}")
-        if not isinstance(optimizer, _DeviceLROptimizer):
+        if not optimizer_info(optimizer).graph_safe:
             raise ValueError("mode=graph needs fastsiam's SGD or LARS (optim.impl auto, foreach or "
                              f"fused), got {type(optimizer).__name__}")
         # Autocast's weight-cast cache must not outlive the capture (PyTorch's graph notes).

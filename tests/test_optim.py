@@ -349,3 +349,19 @@ def test_cuda_lars_and_masked_sgd_have_no_host_sync() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_optimizer_table_is_the_configs_vocabulary_and_says_what_each_can_do():
+    import dataclasses
+
+    from fastsiam.optim import IMPLS, OPTIMIZERS, optimizer_info
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(OptimConfig)}
+    assert list(OPTIMIZERS) == choices["name"] and tuple(choices["impl"]) == IMPLS
+    assert all(set(impls) <= set(IMPLS) - {"auto"} for impls in OPTIMIZERS.values())
+    model = Tiny()
+    for name, impl, capable in [("sgd", "foreach", True), ("sgd", "torch", False), ("lars", "auto", True)]:
+        opt = build_optimizer(model, OptimConfig(name=name, impl=impl), lr=0.1, device="cpu")
+        info = optimizer_info(opt)
+        assert (info.takes_found_inf, info.graph_safe) == (capable, capable), info
+    assert optimizer_info(torch.optim.Adam(model.parameters())).name == "Adam"
