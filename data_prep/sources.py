@@ -73,6 +73,31 @@ class BadFileError(ConversionError):
         self.reason = reason
 
 
+def check_options(out: Path, *, overwrite: bool, jpeg_quality: int,
+                  minimums: Sequence[tuple[str, int | None, int]]) -> None:
+    """The options both converters share, one line per problem (raises ConversionError):
+    ``--jpeg-quality`` in 1..100, each ``(flag, value, least)`` of ``minimums`` at least
+    ``least`` (None: not set), and no existing ``out`` unless ``overwrite``."""
+    if not 1 <= jpeg_quality <= 100:
+        raise ConversionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    for name, value, low in minimums:
+        if value is not None and value < low:
+            raise ConversionError(f"{name} must be >= {low}, got {value}")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
+
+
+def nothing_decodable(source: Source) -> ConversionError:
+    """The error of a conversion whose every input was bad."""
+    return ConversionError(f"none of the {len(source.items)} images in {source.root} could be "
+                           f"decoded; nothing to write")
+
+
+def skipped_line(count: int, report: str | os.PathLike[str]) -> str:
+    """The converters' closing line about bad files, naming the report when there are any."""
+    return f"skipped {count} files" + (f" (listed in {report})" if count else "")
+
+
 def write_error(e: OSError, target: str | os.PathLike[str]) -> ConversionError:
     """The one-line error for a failed write of the output ``target``."""
     return ConversionError(f"cannot write {shown(target)}: {os_error_reason(e)}")

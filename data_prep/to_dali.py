@@ -61,9 +61,11 @@ from data_prep.sources import (
     Skipped,
     Source,
     add_source_arguments,
+    check_options,
     decode_image,
     injected_delay,
     make_readable,
+    nothing_decodable,
     os_error_reason,
     output_lock,
     parallel_map,
@@ -71,6 +73,7 @@ from data_prep.sources import (
     psnr,
     read_file,
     shown,
+    skipped_line,
     source_from_args,
     to_rgb,
     verify_indices,
@@ -233,15 +236,10 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
         raise ConversionError("--shard-size and --shard-bytes are alternatives; pass one")
     if shard_size is None and shard_bytes is None:
         shard_size = DEFAULT_SHARD_SIZE
-    for name, value, low in (("--shard-size", shard_size, 1), ("--shard-bytes", shard_bytes, 4096),
-                             ("--max-resolution", max_resolution, 16), ("--workers", workers, 1)):
-        if value is not None and value < low:
-            raise ConversionError(f"{name} must be >= {low}, got {value}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ConversionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
+    check_options(out, overwrite=overwrite, jpeg_quality=jpeg_quality, minimums=(
+        ("--shard-size", shard_size, 1), ("--shard-bytes", shard_bytes, 4096),
+        ("--max-resolution", max_resolution, 16), ("--workers", workers, 1)))
     options = {"shard_size": shard_size, "shard_bytes": shard_bytes,
                "max_resolution": max_resolution, "jpeg_quality": jpeg_quality}
     with output_lock(out):
@@ -357,8 +355,7 @@ def _write_shards(source: Source, out: Path, options: dict[str, Any], *, workers
         bar.close()
     if num_samples == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise ConversionError(f"none of the {len(items)} images in {source.root} could be "
-                              f"decoded; nothing to write")
+        raise nothing_decodable(source)
 
     report = Skipped([(rel, reason) for _, rel, reason in skipped] + list(source.rejected))
     report.entries.sort()
@@ -553,8 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {summary['samples']} samples in {summary['shards']} shards "
               f"({summary['bytes'] / 1e6:.1f} MB) to {args.out} in {summary['seconds']:.1f} s "
               f"({summary['images_per_s']:.0f} images/s); stored: {stored}")
-        print(f"skipped {summary['skipped']} files"
-              + (f" (listed in {Path(args.out) / REPORT})" if summary["skipped"] else ""))
+        print(skipped_line(summary["skipped"], Path(args.out) / REPORT))
         if args.verify:
             result = verify(args.out, summary["items"], samples=args.verify_samples,
                             threads=args.workers)

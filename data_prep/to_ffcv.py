@@ -69,10 +69,12 @@ from data_prep.sources import (
     Source,
     add_source_arguments,
     check_image,
+    check_options,
     classes_json,
     decode_image,
     injected_delay,
     make_readable,
+    nothing_decodable,
     os_error_reason,
     output_lock,
     parallel_map,
@@ -82,6 +84,7 @@ from data_prep.sources import (
     read_file,
     read_header,
     shown,
+    skipped_line,
     source_from_args,
     to_rgb,
     verify_indices,
@@ -394,17 +397,12 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
                               "every image raw without one)")
     if not 0.0 <= compress_probability <= 1.0:
         raise ConversionError(f"--compress-probability must be in [0, 1], got {compress_probability}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ConversionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
-    for name, value, low in (("--max-resolution", max_resolution, 16), ("--workers", workers, 1),
-                             ("--chunk-size", chunk_size, 1)):
-        if value is not None and value < low:
-            raise ConversionError(f"{name} must be >= {low}, got {value}")
     out = Path(out)
     if out.suffix != ".beton":
         raise ConversionError(f"--out {out}: expected a file name ending in .beton")
-    if out.exists() and not overwrite:
-        raise ConversionError(f"output {out} already exists; pass --overwrite to replace it")
+    check_options(out, overwrite=overwrite, jpeg_quality=jpeg_quality, minimums=(
+        ("--max-resolution", max_resolution, 16), ("--workers", workers, 1),
+        ("--chunk-size", chunk_size, 1)))
     if out.is_dir():
         raise ConversionError(f"--out {out} is a folder; expected a .beton file name")
     try:
@@ -431,8 +429,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
             smart_threshold=smart_threshold, seed=seed)
         while True:
             if not items:
-                raise ConversionError(f"none of the {len(source.items)} images in {source.root} "
-                                      f"could be decoded; nothing to write")
+                raise nothing_decodable(source)
             dataset = PreparedImages(items, prepare, workers, injected_delay())
             try:
                 _write(out, dataset, {"image": field, "label": IntField()},
@@ -640,8 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {summary['samples']} samples ({summary['stored']['jpg']} JPEG, "
               f"{summary['stored']['raw']} raw; {summary['bytes'] / 1e6:.1f} MB) to {out} in "
               f"{summary['seconds']:.1f} s ({summary['images_per_s']:.0f} images/s)")
-        print(f"skipped {summary['skipped']} files"
-              + (f" (listed in {side_file(out, 'skipped.tsv')})" if summary["skipped"] else ""))
+        print(skipped_line(summary["skipped"], side_file(out, "skipped.tsv")))
         if args.verify:
             result = verify(out, summary["items"], max_resolution=max_resolution,
                             samples=args.verify_samples, workers=args.workers)
