@@ -507,7 +507,7 @@ def _backend_options(backend: str) -> list[BackendOption] | None:
     build = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build"), None)
     if build is None or build.args.kwarg is not None:
         return None
-    common = set(inspect.signature(data.build_loader).parameters) | {"path"}
+    common = set(inspect.signature(data.build_loader).parameters) | {"path", "spec"}
     a = build.args
     positional = [*a.posonlyargs, *a.args]
     defaults = dict(zip([x.arg for x in positional[len(positional) - len(a.defaults):]], a.defaults))

@@ -151,7 +151,7 @@ def test_help_config_lists_each_backends_options_with_their_defaults() -> None:
 
     out = subprocess.run([sys.executable, "-m", "fastsiam", "--help-config"], check=True, capture_output=True,
                          text=True).stdout
-    common = set(inspect.signature(build_loader).parameters) | {"path"}
+    common = set(inspect.signature(build_loader).parameters) | {"path", "spec"}
     checked = 0
     for name, spec in _BACKENDS.items():
         assert f"\n    {name}:" in out, name

@@ -2,8 +2,10 @@
 
 Backends are registered by name with the module that implements them; a backend's module is
 imported only when it is asked for, so optional libraries (ffcv, DALI) are never needed to
-import fastsiam. Each backend module defines ``build(path, **kwargs) -> Loader`` with the
-keyword arguments of :func:`build_loader`.
+import fastsiam. Each backend module defines ``build(path, spec, **options) -> Loader``: ``spec``
+is a :class:`~fastsiam.data.loader.LoaderSpec` with the arguments of :func:`build_loader` that
+every backend shares (its ``sampler(n)`` is the epoch's batches for this rank), ``options``
+the backend's own keyword arguments (``data.options`` in a config).
 
 Damaged data: every backend checks its files at open (cheap checks, O(files)), names a sample
 that does not decode, and follows ``on_corrupt`` (see :class:`~fastsiam.data.loader.Loader`);
@@ -21,18 +23,18 @@ from typing import Any
 import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
-from fastsiam.data.loader import ON_CORRUPT, CorruptDataError, Loader
+from fastsiam.data.loader import ON_CORRUPT, CorruptDataError, Loader, LoaderSpec
 from fastsiam.data.sampler import EpochSampler
 
 __all__ = [
-    "CorruptDataError", "EpochSampler", "EvalBatch", "Loader", "TwoViewBatch", "available_backends",
+    "CorruptDataError", "EpochSampler", "EvalBatch", "Loader", "LoaderSpec", "TwoViewBatch", "available_backends",
     "build_loader", "build_loader_from_config", "makes_data_up", "register_backend",
 ]
 
 
 @dataclass(frozen=True)
 class Backend:
-    module: str            # implements build(path, **kwargs)
+    module: str            # implements build(path, spec, **options)
     needs: str | None      # the optional library it imports, for the install hint
     install: str | None    # how to get it
     made_up: bool = False  # the backend makes its data up: no path, no classes to find (synthetic)
@@ -112,22 +114,23 @@ def build_loader(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
-    spec = _BACKENDS[backend]
-    if not spec.made_up and not Path(path).exists():
+    registered = _BACKENDS[backend]
+    if not registered.made_up and not Path(path).exists():
         raise FileNotFoundError(f"{backend} loader: data path {path} does not exist")
     try:
-        module = importlib.import_module(spec.module)
+        module = importlib.import_module(registered.module)
     except ImportError as e:
-        if spec.needs and spec.needs in str(e.name or e):
+        if registered.needs and registered.needs in str(e.name or e):
             raise ImportError(
-                f"loader backend {backend!r} needs {spec.needs}, which is not installed: {spec.install}"
+                f"loader backend {backend!r} needs {registered.needs}, which is not installed: "
+                f"{registered.install}"
             ) from e
         raise
-    return module.build(
-        path, batch_size=batch_size, image_size=image_size, scale=tuple(scale), ratio=tuple(ratio),
-        workers=workers, device=torch.device(device), split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt, **backend_options,
-    )
+    spec = LoaderSpec(
+        batch_size=batch_size, image_size=image_size, scale=(scale[0], scale[1]),
+        ratio=(ratio[0], ratio[1]), workers=workers, device=torch.device(device), split=split,
+        seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt)
+    return module.build(path, spec, **backend_options)
 
 
 def build_loader_from_config(

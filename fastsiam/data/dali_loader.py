@@ -61,7 +61,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import JPEGHeaderError, black_jpeg, decoder_message, jpeg_problem, jpeg_size
-from fastsiam.data.loader import CorruptDataError, Loader
+from fastsiam.data.loader import CorruptDataError, Loader, LoaderSpec
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
 
@@ -378,19 +378,8 @@ class DALITwoViewLoader(Loader):
 
 def build(
     path: str | Path,
+    spec: LoaderSpec,
     *,
-    batch_size: int,
-    image_size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    workers: int,
-    device: torch.device,
-    split: str,
-    seed: int,
-    rank: int,
-    world_size: int,
-    drop_last: bool,
-    on_corrupt: str,
     reader: str = "index",
     decode: str = "once",
     initial_fill: int = 1024,
@@ -415,32 +404,27 @@ def build(
         raise ValueError(
             f"dali loader: option decode must be one of {', '.join(DECODES)}, got {decode!r}"
         )
-    if on_corrupt == "skip" and reader != "index":
+    if spec.on_corrupt == "skip" and reader != "index":
         raise ValueError(
             f"dali loader: on_corrupt='skip' needs reader='index' (DALI's {reader} reader picks "
             "its samples itself, so a damaged one cannot be replaced)"
         )
     shards = open_shard_folder(path, "dali")
-    train = split == "train"
-    sampler = EpochSampler.for_split(
-        len(shards), batch_size, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last,
-    )
     return DALITwoViewLoader(
         shards,
-        sampler,
-        train=train,
-        image_size=image_size,
-        scale=scale,
-        ratio=ratio,
+        spec.sampler(len(shards)),
+        train=spec.train,
+        image_size=spec.image_size,
+        scale=spec.scale,
+        ratio=spec.ratio,
         reader=reader,
         decode=decode,
-        workers=workers,
-        device=device,
+        workers=spec.workers,
+        device=spec.device,
         initial_fill=initial_fill,
         hw_decoder_load=hw_decoder_load,
         prefetch=prefetch,
-        on_corrupt=on_corrupt,
+        on_corrupt=spec.on_corrupt,
     )
 
 

@@ -56,7 +56,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.beton import check_scratch, classes_path, open_beton
 from fastsiam.data.ffcv_decoder import CenterCropDecoder, TwoCropDecoder, two_views
-from fastsiam.data.loader import Loader
+from fastsiam.data.loader import Loader, LoaderSpec
 from fastsiam.data.sampler import EpochSampler
 
 ORDERS = ("random", "quasi_random")
@@ -228,19 +228,8 @@ def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[st
 
 def build(
     path: str | Path,
+    spec: LoaderSpec,
     *,
-    batch_size: int,
-    image_size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    workers: int,
-    device: torch.device,
-    split: str,
-    seed: int,
-    rank: int,
-    world_size: int,
-    drop_last: bool,
-    on_corrupt: str,
     order: str = "random",
     os_cache: bool = True,
     batches_ahead: int = 3,
@@ -266,20 +255,18 @@ def build(
         raise ValueError(
             f"ffcv loader: option order must be one of {', '.join(ORDERS)}, got {order!r}"
         )
-    if order == "quasi_random" and world_size > 1:
+    if order == "quasi_random" and spec.world_size > 1:
         raise ValueError(
             f"ffcv loader: order='quasi_random' is not available with distributed "
-            f"training (world_size={world_size}), as in FFCV; use order='random'"
+            f"training (world_size={spec.world_size}), as in FFCV; use order='random'"
         )
     reader = open_beton(path, image_field, label_field)
-    check_scratch(reader, path, image_field, batch_size, batches_ahead)
-    train = split == "train"
-    sampler = EpochSampler.for_split(
-        int(reader.num_samples), batch_size, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last,
-    )
+    check_scratch(reader, path, image_field, spec.batch_size, batches_ahead)
+    sampler = spec.sampler(int(reader.num_samples))
+    device = spec.device
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
-    decoder = TwoCropDecoder(image_size, scale, ratio, seed) if train else CenterCropDecoder(image_size)
+    decoder = (TwoCropDecoder(spec.image_size, spec.scale, spec.ratio, spec.seed) if spec.train
+               else CenterCropDecoder(spec.image_size))
     pipelines: dict[str, PipelineSpec | None] = {name: None for name in reader.handlers}
     pipelines[image_field] = PipelineSpec(
         image_field, decoder=decoder, transforms=[ToTensor(), *to_device]
@@ -287,15 +274,15 @@ def build(
     pipelines[label_field] = PipelineSpec(
         label_field, decoder=IntDecoder(), transforms=[ToTensor(), *to_device]
     )
-    quasi = order == "quasi_random" and train
+    quasi = order == "quasi_random" and spec.train
     with _keep_torch_threads():
         loader = FFCVLoader(
             str(path),
-            batch_size=batch_size,
-            num_workers=max(workers, 1),
+            batch_size=spec.batch_size,
+            num_workers=max(spec.workers, 1),
             os_cache=os_cache,
             order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
-            seed=seed,
+            seed=spec.seed,
             pipelines=pipelines,
             drop_last=False,
             batches_ahead=batches_ahead,
@@ -306,7 +293,7 @@ def build(
     )
     num_classes, classes = _classes(path, reader, label_field)
     return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, copy, path,
-                             on_corrupt)
+                             spec.on_corrupt)
 
 
 __all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -7,7 +7,10 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.sampler import EpochSampler
@@ -19,6 +22,36 @@ log = logging.getLogger("fastsiam")
 class CorruptDataError(ValueError):
     """A sample or data file that does not match what was written (one-line message naming
     the file and the sample). A ``ValueError``, so the command line prints it as one line."""
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What every backend's ``build(path, spec, **options)`` is asked for: the arguments
+    :func:`fastsiam.data.build_loader` shares among backends (see its docstring for each)."""
+
+    batch_size: int
+    image_size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    workers: int
+    device: torch.device
+    split: str
+    seed: int
+    rank: int
+    world_size: int
+    drop_last: bool
+    on_corrupt: str
+
+    @property
+    def train(self) -> bool:
+        """Two random views per image (``split="train"``), else one center view in order."""
+        return self.split == "train"
+
+    def sampler(self, num_samples: int) -> EpochSampler:
+        """This rank's batches of every epoch over ``num_samples`` samples."""
+        return EpochSampler.for_split(num_samples, self.batch_size, split=self.split,
+                                      seed=self.seed, rank=self.rank,
+                                      world_size=self.world_size, drop_last=self.drop_last)
 
 
 class Loader(abc.ABC):

@@ -43,7 +43,7 @@ from torchvision.transforms.v2.functional import resized_crop
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import BLACK_SIDE, decoder_message, jpeg_problem
-from fastsiam.data.loader import Loader
+from fastsiam.data.loader import Loader, LoaderSpec
 from fastsiam.data.resample import crop_resize
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
@@ -347,19 +347,8 @@ class NVJPEGLoader(Loader):
 
 def build(
     path: str | Path,
+    spec: LoaderSpec,
     *,
-    batch_size: int,
-    image_size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    workers: int,
-    device: torch.device,
-    split: str,
-    seed: int,
-    rank: int,
-    world_size: int,
-    drop_last: bool,
-    on_corrupt: str,
     readers: int = 4,
     prefetch: int = 2,
     resize: str | None = None,
@@ -374,30 +363,25 @@ def build(
     """
     path = Path(path)
     if resize is None:
-        resize = "batched" if device.type == "cuda" else "per_image"
+        resize = "batched" if spec.device.type == "cuda" else "per_image"
     if resize not in RESIZES:
         raise ValueError(
             f"nvjpeg loader: option resize must be one of {', '.join(RESIZES)}, got {resize!r}"
         )
     shards = open_shard_folder(path, "nvjpeg")
-    train = split == "train"
-    sampler = EpochSampler.for_split(
-        len(shards), batch_size, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last,
-    )
     return NVJPEGLoader(
         shards,
-        sampler,
-        train=train,
-        image_size=image_size,
-        scale=scale,
-        ratio=ratio,
-        workers=workers,
+        spec.sampler(len(shards)),
+        train=spec.train,
+        image_size=spec.image_size,
+        scale=spec.scale,
+        ratio=spec.ratio,
+        workers=spec.workers,
         readers=readers,
-        device=device,
+        device=spec.device,
         prefetch=prefetch,
         resize=resize,
-        on_corrupt=on_corrupt,
+        on_corrupt=spec.on_corrupt,
     )
 
 

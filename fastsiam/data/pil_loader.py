@@ -38,7 +38,7 @@ from torchvision import datasets, transforms
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
 from fastsiam.data.jpeg import BLACK_SIDE
-from fastsiam.data.loader import Loader
+from fastsiam.data.loader import Loader, LoaderSpec
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.imageio import to_rgb
@@ -184,11 +184,7 @@ class PILLoader(Loader):
             yield batch_type(to_device(views, self.device), to_device(label, self.device))
 
 
-def build(
-    path: str | Path, *, batch_size: int, image_size: int, scale: Sequence[float], ratio: Sequence[float],
-    workers: int, device: torch.device, split: str, seed: int, rank: int, world_size: int,
-    drop_last: bool, on_corrupt: str, augment: str = "full",
-) -> PILLoader:
+def build(path: str | Path, spec: LoaderSpec, *, augment: str = "full") -> PILLoader:
     """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``).
 
     Options:
@@ -204,19 +200,14 @@ def build(
         folder = datasets.ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f"pil loader: {path} is not an ImageFolder: {e}") from None
-    train = split == "train"
-    if not train:
-        view = eval_transform(image_size)
+    if not spec.train:
+        view = eval_transform(spec.image_size)
     elif augment == "full":
-        view = official_view_transform(image_size, scale, ratio)
+        view = official_view_transform(spec.image_size, spec.scale, spec.ratio)
     else:
-        view = crop_view_transform(image_size, scale, ratio)
-    sampler = EpochSampler.for_split(
-        len(folder), batch_size, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last,
-    )
-    return PILLoader(TwoViewFolder(folder, view, two_views=train, seed=seed), sampler, workers, device,
-                     on_corrupt)
+        view = crop_view_transform(spec.image_size, spec.scale, spec.ratio)
+    return PILLoader(TwoViewFolder(folder, view, two_views=spec.train, seed=spec.seed),
+                     spec.sampler(len(folder)), spec.workers, spec.device, spec.on_corrupt)
 
 
 __all__ = ["PILLoader", "build", "crop_view_transform", "eval_transform", "official_view_transform"]

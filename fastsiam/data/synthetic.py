@@ -17,7 +17,7 @@ import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed
-from fastsiam.data.loader import Loader
+from fastsiam.data.loader import Loader, LoaderSpec
 from fastsiam.data.sampler import EpochSampler
 
 # An epoch of a few hundred steps: made-up data has no size of its own, and a step benchmark
@@ -74,26 +74,10 @@ class SyntheticLoader(Loader):
             yield TwoViewBatch(views, label) if self.two_views else EvalBatch(views, label)
 
 
-def build(
-    path: str | Path,
-    *,
-    batch_size: int,
-    image_size: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    workers: int,
-    device: torch.device,
-    split: str,
-    seed: int,
-    rank: int,
-    world_size: int,
-    drop_last: bool,
-    on_corrupt: str,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    num_classes: int = 1000,
-) -> SyntheticLoader:
-    """Build the synthetic loader (``path``, ``scale``, ``ratio``, ``workers`` and
-    ``on_corrupt`` are unused: made-up data is never damaged).
+def build(path: str | Path, spec: LoaderSpec, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+          num_classes: int = 1000) -> SyntheticLoader:
+    """Build the synthetic loader (``path`` and the spec's ``scale``, ``ratio``, ``workers``
+    and ``on_corrupt`` are unused: made-up data is never damaged).
 
     Options:
         num_samples: the epoch's length.
@@ -104,14 +88,8 @@ def build(
             f"synthetic loader: num_samples and num_classes must be >= 1, got "
             f"{num_samples} and {num_classes}"
         )
-    train = split == "train"
-    sampler = EpochSampler.for_split(
-        num_samples, batch_size, split=split, seed=seed, rank=rank,
-        world_size=world_size, drop_last=drop_last,
-    )
-    return SyntheticLoader(
-        sampler, image_size=image_size, num_classes=num_classes, two_views=train, device=device
-    )
+    return SyntheticLoader(spec.sampler(num_samples), image_size=spec.image_size,
+                           num_classes=num_classes, two_views=spec.train, device=spec.device)
 
 
 __all__ = ["SyntheticLoader", "build"]
