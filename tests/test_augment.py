@@ -470,3 +470,19 @@ def test_small_call_traffic_on_fake_cuda() -> None:
     # numbers from count(8, 64, torch.bfloat16, 3.35e12).rows[0] after the change
     call = count(8, 64, torch.bfloat16, 3.35e12).rows[0]
     assert call["kernels"] <= 103 and call["device_bytes"] <= 27_917_910, call
+
+
+def test_the_draw_table_names_every_parameter_and_keeps_the_columns():
+    from fastsiam.augment.simsiam import DRAW_COLUMNS, DRAWS, split_draws
+
+    assert tuple(name for name, _ in DRAWS) == AugParams._fields
+    # The columns one sample draws, as the recipe was first written: flip, jitter, 4 factors,
+    # 4 order keys, gray, blur, sigma, solarize; a reordering would change every seeded run.
+    u = torch.rand(5, DRAW_COLUMNS, generator=torch.Generator().manual_seed(3))
+    parts = split_draws(u)
+    assert DRAW_COLUMNS == 14 and torch.equal(parts["factors"], u[:, 2:6])
+    assert torch.equal(parts["order"], u[:, 6:10]) and torch.equal(parts["solarize"], u[:, 13])
+    aug = SimSiamAugment(solarize_p=0.3)
+    got = aug.sample_params(5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got.flip, u[:, 0] < aug.hflip_p) and torch.equal(got.order, u[:, 6:10].argsort(1))
+    assert torch.equal(got.sigma, u[:, 12] * 1.9 + 0.1) and torch.equal(got.solarize, u[:, 13] < 0.3)

@@ -96,6 +96,25 @@ class AugParams(NamedTuple):
     solarize: Tensor
 
 
+# The uniforms one sample draws, column by column: (AugParams field, columns). One table, so an
+# op's draw is declared once (its row here, its field in AugParams, its mapping in sample_params)
+# and the columns never need counting by hand.
+DRAWS: tuple[tuple[str, int], ...] = (
+    ("flip", 1), ("jitter", 1), ("factors", 4), ("order", 4), ("gray", 1), ("blur", 1),
+    ("sigma", 1), ("solarize", 1),
+)
+DRAW_COLUMNS = sum(n for _, n in DRAWS)
+
+
+def split_draws(u: Tensor) -> dict[str, Tensor]:
+    """``[N, DRAW_COLUMNS]`` uniforms as each field's ``[N]`` (one column) or ``[N, k]`` view."""
+    out, start = {}, 0
+    for name, n in DRAWS:
+        out[name] = u[:, start] if n == 1 else u[:, start:start + n]
+        start += n
+    return out
+
+
 def _check_p(name: str, value: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"aug.{name} must be a probability in [0, 1], got {value!r}")
@@ -276,18 +295,18 @@ class SimSiamAugment(nn.Module):
         """Draw the random parameters of ``n`` samples on ``device`` (one ``torch.rand`` call)."""
         device = torch.device(device)
         c = self._constants(device)
-        u = torch.rand(n, 14, generator=generator, device=device)
+        u = split_draws(torch.rand(n, DRAW_COLUMNS, generator=generator, device=device))
         lo_s, hi_s = self.blur_sigma
         return AugParams(
-            flip=u[:, 0] < self.hflip_p,
-            jitter=u[:, 1] < self.color_jitter_p,
-            factors=torch.addcmul(c["factor_lo"], u[:, 2:6], c["factor_span"]),
+            flip=u["flip"] < self.hflip_p,
+            jitter=u["jitter"] < self.color_jitter_p,
+            factors=torch.addcmul(c["factor_lo"], u["factors"], c["factor_span"]),
             # Sorting i.i.d. uniforms gives each of the 24 permutations with equal probability.
-            order=u[:, 6:10].argsort(dim=1),
-            gray=u[:, 10] < self.grayscale_p,
-            blur=u[:, 11] < self.blur_p,
-            sigma=u[:, 12] * (hi_s - lo_s) + lo_s,
-            solarize=u[:, 13] < self.solarize_p,
+            order=u["order"].argsort(dim=1),
+            gray=u["gray"] < self.grayscale_p,
+            blur=u["blur"] < self.blur_p,
+            sigma=u["sigma"] * (hi_s - lo_s) + lo_s,
+            solarize=u["solarize"] < self.solarize_p,
         )
 
     def apply(self, img: Tensor, params: AugParams) -> Tensor:
