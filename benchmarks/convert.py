@@ -19,7 +19,7 @@ so that load from other jobs hits all of them alike. Rows carry ``mb_per_s`` (so
 and to the smallest worker count) and ``cpu_ms_per_image`` (CPU time of the whole process
 tree, robust to other load). The load average before and after is recorded.
 
-    python benchmarks/convert.py                       # photo-like JPEGs, 10 x 100, 340-500 px
+    python benchmarks/convert.py                       # photo-like JPEGs, 3,000, 340-500 px
     python benchmarks/convert.py --style shapes        # the toy ImageNet's flat shapes, 200-600 px
     python benchmarks/convert.py --src /data/imagenet/train --limit 50 --workers 1 2 4 8
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._data import STYLE_NAMES, STYLE_SIDES
+from benchmarks._data import STYLE_NAMES, STYLE_SIDES, make_toy, repeat_folder
 from data_prep import to_dali, to_ffcv
 from data_prep.sources import decode_image, list_image_folder, parallel_map, read_file
 from fastsiam.benchmark import BenchmarkReport, Measurement, measure
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10, help="toy dataset: classes")
-    parser.add_argument("--per-class", type=int, default=100, help="toy dataset: images per class")
+    parser.add_argument("--per-class", type=int, default=50, help="toy dataset: images per class")
+    parser.add_argument("--copies", type=int, default=6,
+                        help="toy dataset: links to each painted image (a run long enough that "
+                             "start-up costs, ~0.4 s per conversion, do not dominate)")
     parser.add_argument("--out-dir", help="where to write the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
 
@@ -104,15 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.src:
             src, dataset = Path(args.src), str(args.src)
         else:
-            from data_prep.make_toy_imagenet import make_toy_imagenet
-
             low, high = STYLE_SIDES[args.style]
-            make_toy_imagenet(tmp / "toy", num_classes=args.classes, train_per_class=args.per_class,
-                              val_per_class=1, seed=0, min_side=low, max_side=high, quirks=False,
-                              workers=max(args.workers), style=args.style)
-            src = tmp / "toy" / "train"
-            dataset = (f"{STYLE_NAMES[args.style]}, {args.classes} x {args.per_class} images, "
-                       f"{low}-{high} px")
+            painted = make_toy(tmp, classes=args.classes, distinct=args.classes * args.per_class,
+                               min_side=low, max_side=high, workers=max(args.workers),
+                               style=args.style)
+            src = repeat_folder(painted, tmp / "links", args.copies)
+            dataset = (f"{STYLE_NAMES[args.style]}, {args.classes} x {args.per_class} painted "
+                       f"images x {args.copies} links each, {low}-{high} px")
         limit = ["--limit", str(args.limit)] if args.limit else []
         paths = [it.path for it in list_image_folder(src, limit=args.limit).items]
         source_mb = sum(os.path.getsize(p) for p in paths) / 1e6

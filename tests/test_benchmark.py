@@ -34,7 +34,7 @@ BENCH = ROOT / "benchmarks"
 SUITE_SCRIPTS = {"step.py", "augment.py", "loaders.py", "end_to_end.py"}
 # Scripts whose flags differ from the --smoke/--out contract (see fastsiam/benchmark.py).
 SMOKE_ARGS = {
-    "convert.py": ["--classes", "2", "--per-class", "4", "--workers", "1", "--repeats", "1",
+    "convert.py": ["--classes", "2", "--per-class", "4", "--copies", "1", "--workers", "1", "--repeats", "1",
                    "--out-dir", "{out}"],
 }
 
