@@ -147,9 +147,9 @@ def stored_pixels(path: str, max_resolution: int | None) -> np.ndarray:
     return image
 
 
-def prepare_image(task: tuple[int, str], *, max_resolution: int | None, write_mode: str, jpeg_quality: int, compress_probability: float,
-                  smart_threshold: int | None, seed: int
-                  ) -> tuple[str, int, int, np.ndarray] | tuple[str, str]:
+def prepare_image(task: tuple[int, str], *, max_resolution: int | None, write_mode: str,
+                  jpeg_quality: int, compress_probability: float, smart_threshold: int | None,
+                  seed: int) -> tuple[str, int, int, np.ndarray] | tuple[str, str]:
     """What ``RGBImageField.encode`` computes for sample ``index``: ``(mode, h, w, bytes)``.
 
     Decides raw vs JPEG as ffcv does, except ``proportion``: ffcv draws from the global numpy
