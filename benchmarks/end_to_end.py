@@ -338,9 +338,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> torch.device:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+def pick_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fill_defaults(args: argparse.Namespace, device: torch.device) -> None:
+    """The settings left unset, by run kind (smoke, GPU, CPU); the config the run trains
+    (the ImageNet ResNet-50 recipe on a GPU, the toy demo's otherwise); torch's threads; and
+    the counts checked."""
     cuda = device.type == "cuda"
     if args.smoke:
         defaults = dict(arch="resnet18", image_size=64, batch_size=4, iters=1, workers=1, dim=256,
@@ -366,7 +374,6 @@ def resolve(args: argparse.Namespace) -> torch.device:
     for key in ("iters", "repeats", "batch_size"):
         if getattr(args, key) < 1:
             raise SystemExit(f"end_to_end: --{key.replace('_', '-')} must be >= 1")
-    return device
 
 
 def _cores() -> int:
@@ -428,7 +435,8 @@ def execute(plan: Plan, report: BenchmarkReport, skipped: dict[str, str],
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve(args)
+    device = pick_device(args.device)
+    fill_defaults(args, device)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for b in backends:
