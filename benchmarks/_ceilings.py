@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fastsiam.benchmark import Measurement, measure
+from benchmarks._harness import Measurement, measure
 from fastsiam.data.crops import random_crop_boxes, sample_keys
 
 SCALE = (0.2, 1.0)

@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._harness import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
 from fastsiam.augment import SimSiamAugment
-from fastsiam.benchmark import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
 from fastsiam.data import TwoViewBatch
 
 

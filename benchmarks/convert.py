@@ -39,9 +39,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._data import STYLE_NAMES, STYLE_SIDES, make_toy, repeat_folder
+from benchmarks._harness import BenchmarkReport, Measurement, measure
 from data_prep import to_dali, to_ffcv
 from data_prep.sources import decode_image, list_image_folder, parallel_map, read_file
-from fastsiam.benchmark import BenchmarkReport, Measurement, measure
 
 
 def decode_only(path: str) -> int:

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import _data  # noqa: E402
-from fastsiam.benchmark import (  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
     BenchmarkReport,
     Measurement,
     measure,

@@ -65,7 +65,7 @@ import torch  # noqa: E402
 
 from benchmarks import _ceilings as ceilings  # noqa: E402
 from benchmarks import _data  # noqa: E402
-from fastsiam.benchmark import (  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
     BenchmarkReport,
     Measurement,
     error_message,

@@ -5,7 +5,7 @@ every row with its ratio against the run's own baseline, a bar chart of images/s
 (median, min-max whiskers) and, when rows carry a ``workers`` dimension (loaders, convert),
 images/s against worker count. Ratios are only ever taken within one run; absolute numbers
 are quoted with the device they came from. Files that break the schema
-(:func:`fastsiam.benchmark.validate_result`) are listed with the reason, not rendered.
+(:func:`benchmarks._harness.validate_result`) are listed with the reason, not rendered.
 
     python benchmarks/report.py                       # -> BENCHMARKS.md, benchmarks/plots/
     python benchmarks/report.py --results /tmp/out --out /tmp/BENCHMARKS.md --plots /tmp/plots
@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastsiam.benchmark import (  # noqa: E402
+from benchmarks._harness import (  # noqa: E402
     RESULTS_DIR,
     ResultError,
     baseline_row,

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import _data  # noqa: E402
-from fastsiam.benchmark import BenchmarkReport, Measurement  # noqa: E402
+from benchmarks._harness import BenchmarkReport, Measurement  # noqa: E402
 
 SAMPLE_S = 0.05
 JOBS = ("to_ffcv", "to_dali", "ffcv_epoch")

@@ -38,12 +38,15 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 
 import torch
 from torch import Tensor, nn
 
-from fastsiam.benchmark import (
+from benchmarks._harness import (
     FAKE_CUDA,
     BenchmarkReport,
     error_message,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastsiam import benchmark as B
-from fastsiam.benchmark import (
+from benchmarks import _harness as B
+from benchmarks._harness import (
     BenchmarkReport,
     ResultError,
     error_message,
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 # Scripts the GPU suite runs (its --cpu-smoke covers their smoke modes); the rest run below.
 SUITE_SCRIPTS = {"step.py", "augment.py", "loaders.py", "end_to_end.py"}
-# Scripts whose flags differ from the --smoke/--out contract (see fastsiam/benchmark.py).
+# Scripts whose flags differ from the --smoke/--out contract (see benchmarks/_harness.py).
 SMOKE_ARGS = {
     "convert.py": ["--classes", "2", "--per-class", "4", "--copies", "1", "--workers", "1", "--repeats", "1",
                    "--out-dir", "{out}"],

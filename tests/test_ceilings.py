@@ -106,7 +106,7 @@ def test_beton_images_are_the_stored_samples(tmp_path: Path) -> None:
 
 def test_loader_rows_get_their_share_of_the_ceiling(tmp_path, monkeypatch) -> None:
     from benchmarks import loaders
-    from fastsiam.benchmark import summarize
+    from benchmarks._harness import summarize
 
     out = tmp_path / "out"
     fake_paths = {"imagefolder": tmp_path, "none": tmp_path, "shards": tmp_path}
@@ -120,7 +120,7 @@ def test_loader_rows_get_their_share_of_the_ceiling(tmp_path, monkeypatch) -> No
                             [40.0], items_per_call=2, iters=1, warmup=0))
     assert loaders.main(["--smoke", "--backends", "synthetic,nvjpeg,pil_crop", "--workers", "3",
                          "--out", str(out)]) == 0
-    from fastsiam.benchmark import load_result
+    from benchmarks._harness import load_result
 
     rows = {r["variant"]: r for r in
             load_result(out / f"loaders_photo-cpu{os.cpu_count()}.json")["rows"]}

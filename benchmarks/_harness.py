@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
