@@ -103,3 +103,24 @@ def test_images_are_decoded_once_and_never_by_a_checking_pass(toy_imagenet, tmp_
     monkeypatch.setattr(to_ffcv, "check_image", no_check)
     convert(toy_imagenet / "train", tmp_path / "t.beton", max_resolution=STORED, workers=1)
     assert sorted(calls.read_text().split()) == sorted(it.path for it in items)
+
+
+def test_a_file_that_decodes_but_cannot_be_prepared_is_one_error_not_a_loop(toy_imagenet, tmp_path,
+                                                                           monkeypatch):
+    # The writing pass's failure sends the files from it on to the full-decode check; one that
+    # passes it failed for another reason (here an encoder refusing it), and writing again
+    # would fail again forever: the conversion stops naming it.
+    items = list_image_folder(toy_imagenet / "train").items
+    victim = items[5].path
+    prepare = to_ffcv.stored_pixels
+
+    def refuse(path, *args):
+        if path == victim:
+            raise to_ffcv.BadImage("the encoder refused it")
+        return prepare(path, *args)
+
+    monkeypatch.setattr(to_ffcv, "stored_pixels", refuse)
+    with pytest.raises(to_ffcv.ConversionError, match="decodes but could not be prepared") as e:
+        convert(toy_imagenet / "train", tmp_path / "t.beton", max_resolution=STORED, workers=1)
+    assert victim in str(e.value) and "the encoder refused it" in str(e.value)
+    assert not (tmp_path / "t.beton").exists()
