@@ -28,7 +28,9 @@ the original JPEGs (``to_dali.py``). Every variant uses ``--workers`` processes 
 Beside the loaders, each backend's ceiling is measured in the same run
 (benchmarks/_ceilings.py): its per-image kernels alone (decode once + two crop-resizes) on one
 thread, times ``--workers``; every loader row carries ``of_ceiling``, its share of it (on the
-CPU: on a GPU the loaders decode there, and these CPU kernels bound nothing). Variants run one after another: a warm-up (compilation, worker start-up, and the
+CPU: on a GPU the loaders decode there, and these CPU kernels bound nothing).
+
+Variants run one after another: a warm-up (compilation, worker start-up, and the
 batches prefetched meanwhile), then ``--repeats`` timed windows of ``--iters`` batches back to
 back, so no window gets batches made while the loader idled; the loader is then closed.
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     "private_vs_smallest": round(r["peak_private_mb"] / smallest[job], 3)}
                 report.add(f"{job} {images}", m, **extra)
             beton.unlink()
-            subprocess.run(["rm", "-rf", str(shards)], check=True)
+            shutil.rmtree(shards)
         report.settings["load_average_before_after"] = [round(load_before, 2),
                                                         round(os.getloadavg()[0], 2)]
         print(report.table())
