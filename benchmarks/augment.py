@@ -3,8 +3,10 @@
 On a GPU: milliseconds per batch of 2 x B views (default 2 x 256 at 224 px) for the whole
 module, eagerly and replayed as a CUDA graph (the way the training step runs it), and the
 share of each stage. The goal is <= 5% of a training step at the same batch (about 3.5 ms on
-an H100 at 3,600 images/s). With --compile (default on cuda) the same rows for
-``SimSiamAugment(compile=True)``.
+an H100 at 3,600 images/s). Beside the default (the fused ColorJitter kernels of
+fastsiam.augment.fused) the same rows for the plain torch ops (``fused_color=False``), and with
+--compile (default on cuda) for ``SimSiamAugment(compile=True)``. ``--count`` counts kernels and
+bytes of both on fake CUDA instead (no GPU needed).
 
 On the CPU: views/s of the same module next to the official recipe's PIL colour pipeline
 (ColorJitter p=0.8, RandomGrayscale p=0.2, PIL GaussianBlur p=0.5, flip, ToTensor, Normalize)
@@ -57,7 +59,8 @@ def stages(aug: SimSiamAugment, batch: TwoViewBatch) -> dict[str, Callable[[], A
     }
 
 
-def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float) -> BenchmarkReport:
+def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float,
+          fused_color: bool = True) -> BenchmarkReport:
     """Kernels and device bytes of one call, counted on fake CUDA tensors, per function.
 
     The traffic model (fastsiam.testing.fake_cuda): every CUDA operand of every non-view op is
@@ -67,7 +70,7 @@ def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float) 
     from fastsiam.testing.fake_cuda import fake_cuda
 
     with fake_cuda(callers=True) as trace:
-        aug = SimSiamAugment(out_dtype=out_dtype)
+        aug = SimSiamAugment(out_dtype=out_dtype, fused_color=fused_color)
         views = torch.empty((2 * batch_size, 3, size, size), dtype=torch.uint8, device="cuda",
                             memory_format=torch.channels_last)
         batch = TwoViewBatch(views, torch.empty(batch_size, dtype=torch.long, device="cuda"))
@@ -79,7 +82,7 @@ def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float) 
     floor = views.numel() * (1 + torch.finfo(out_dtype).bits // 8)  # read uint8 once, write once
     settings = {"batch_per_view": batch_size, "views_per_call": 2 * batch_size, "resolution": size,
                 "out_dtype": str(out_dtype).replace("torch.", ""), "bandwidth_GBps": bandwidth / 1e9,
-                "floor_bytes": floor, "compute_dtype": str(aug._working_dtype(views.device)).replace("torch.", "")}
+                "floor_bytes": floor, "fused_color": fused_color, "compute_dtype": str(aug._working_dtype(views.device)).replace("torch.", "")}
     report = BenchmarkReport("augment_count", FAKE_CUDA, settings)
     report.add_count("simsiam_augment (one call)", len(ops), sum(op.nbytes for op in ops), bandwidth)
     for name, (kernels, nbytes) in traffic_by_function(ops).items():
@@ -143,8 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     if args.count:
-        report = count(args.batch or (4 if args.smoke else 256), 64 if args.smoke else args.size,
-                       getattr(torch, args.out_dtype), args.bandwidth)
+        shape = (args.batch or (4 if args.smoke else 256), 64 if args.smoke else args.size,
+                 getattr(torch, args.out_dtype), args.bandwidth)
+        report = count(*shape)
+        plain = count(*shape, fused_color=False).rows[0]  # the baseline, same count
+        report.add_count("plain torch ops, one call (aug.fused_color: false)", plain["kernels"],
+                         plain["device_bytes"], args.bandwidth)
         print(report.table())
         if not args.smoke or args.out:
             print(f"wrote {report.write(args.out)}")
@@ -190,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     total = add("simsiam_augment", lambda: lambda: aug(batch))
     if cuda:
         add("simsiam_augment_cuda_graph", lambda: graphed(aug, batch))
+        plain = SimSiamAugment(out_dtype=aug.out_dtype, fused_color=False)
+        add("simsiam_augment_plain_ops", lambda: lambda: plain(batch))
+        add("simsiam_augment_plain_ops_cuda_graph", lambda: graphed(plain, batch))
     else:
         add("pil_colour_pipeline", lambda: pil_colour_pipeline(crops))
     if args.compile:

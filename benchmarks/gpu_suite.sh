@@ -26,7 +26,8 @@
 #
 #   stage          limit + grace  Q  what
 #   env              10 +  5      Q  python, torch, GPU, commit; no CUDA: stop (exit 2)
-#   capture-tests    45 +  5      Q  pytest -m cuda -k cuda_graph: the real CUDA-graph captures
+#   capture-tests    45 +  5      Q  pytest -m cuda -k "cuda_graph or fused": the real CUDA-graph
+#                                    captures and the jiterator kernels against the plain ops
 #                                    (the fake-CUDA tests are CPU work: CI runs them)
 #   step-headline    50 +  5      Q  step.py --only +cuda_graph,+augmentation,reference (the
 #                                    ratio's baseline) -> step_headline-<gpu>.json
@@ -97,7 +98,7 @@ fi
 PYTEST=(-m pytest -q -p no:cacheprovider --continue-on-collection-errors "${PYTEST[@]}")
 # The real captures first (tests named *cuda_graph*); the fake-CUDA tests are CPU work that CI
 # runs, so they stay out of the device window (no cuda marker).
-CAPTURE_K="cuda_graph and not compile"
+CAPTURE_K="(cuda_graph or fused) and not compile"
 
 ENV_PY='import importlib.util, shutil, subprocess, sys
 import torch, torchvision

@@ -88,6 +88,9 @@ class AugConfig:
     solarize_threshold: float = _field(0.5, min=0.0, max=1.0)
     mean: list[float] = _field(list(IMAGENET_MEAN), length=3)
     std: list[float] = _field(list(IMAGENET_STD), length=3, min=1e-6)
+    fused_color: bool = _field(True, help="on CUDA: each ColorJitter slot (and the hue) as one runtime-compiled "
+                               "elementwise kernel (torch.cuda.jiterator), checked against the plain ops at "
+                               "first use; false: the plain torch ops (same results within rounding)")
 
 
 @dataclass

@@ -81,7 +81,7 @@ def _refuse_what_pretraining_would_ignore(cfg: Config) -> None:
         # Its blur is PIL's untruncated Gaussian: the device path's kernel size has no meaning there.
         default = AugConfig()
         changed = [f"aug.{f.name}={getattr(cfg.aug, f.name)!r}" for f in dataclasses.fields(AugConfig)
-                   if f.name != "blur_kernel_size" and getattr(cfg.aug, f.name) != getattr(default, f.name)]
+                   if f.name not in ("blur_kernel_size", "fused_color") and getattr(cfg.aug, f.name) != getattr(default, f.name)]
         if changed:
             raise TrainingError(f"data.backend=pil augments in PIL with the official SimSiam recipe, which "
                                 f"ignores {', '.join(changed)}; set data.options.augment=crop (PIL crops, "

@@ -15,9 +15,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ]; then
   exit 0
 fi
 
-# --- system packages ffcv compiles against --------------------------------------------------
+# --- system packages ffcv compiles against (g++ also builds the fused kernels' host test) ---
 need=()
-for pkg in pkg-config libopencv-dev libturbojpeg0-dev; do
+for pkg in pkg-config libopencv-dev libturbojpeg0-dev g++; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -35,16 +35,17 @@ Design choices:
   whole-image colour ops), so it is applied first, on the uint8 data (a quarter of the
   bytes), which is then converted to float once.
 - Memory traffic. On a GPU these ops are memory bound. uint8 input is converted once to
-  ``compute_dtype`` (float16 on CUDA for 16-bit output: half the bytes of float32), and the
-  passes above are what eager mode needs: 2 x 256 views at 224 px, bf16 out, count 103
-  kernels and 10.6 GB (``benchmarks/augment.py --count``, fake CUDA; the blend formulation
-  with selects counted 169 and 31.3 GB), of which the hue rotation is 4.0 GB and the jitter
-  slots 4.9. That is close to what separate eager kernels can do while staying exact: each
-  of the six jitter slots needs its GEMM (read and write the batch), its clamp (torchvision
-  clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma
-  (one read), five passes of 154 MB each at fp16, 4.6 GB in all before the hue and the blur;
-  going lower means one fused per-pixel kernel for the whole jitter. ``compile=True`` hands the ops (not the random draws) to ``torch.compile``,
-  which fuses the elementwise chains; benchmarks/augment.py measures both.
+  ``compute_dtype`` (float16 on CUDA for 16-bit output: half the bytes of float32). In eager
+  torch each jitter slot needs its GEMM (read and write the batch), its clamp (torchvision
+  clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma,
+  and the hue rotation ~20 plane-sized passes: 2 x 256 views at 224 px, bf16 out, count 103
+  kernels and 10.6 GB (``benchmarks/augment.py --count``, fake CUDA). On CUDA, by default
+  (``fused_color``), each slot is one runtime-compiled elementwise kernel that reads and
+  writes the batch once, the hue inside the last slot before it
+  (:mod:`fastsiam.augment.fused`): 75 kernels, 4.8 GB, the rest being the six mean-luma
+  reads, the blur and the final GEMM. ``compile=True`` hands the ops (not the random draws)
+  to ``torch.compile`` instead, which fuses the elementwise chains; benchmarks/augment.py
+  measures all three.
 - CUDA graphs. Random numbers come from ``torch.rand`` on the device (the given generator, or
   the device's default one, which a captured graph advances on every replay); no value is
   read on the host and every shape is static. The first call on a device builds small
@@ -62,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from fastsiam.augment import functional as AF
+from fastsiam.augment import fused
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.runtime import memory_format
@@ -151,6 +153,11 @@ class SimSiamAugment(nn.Module):
         compile: run the ops (not the random draws, which keep the given generator) through
             ``torch.compile``, which fuses the elementwise chains into a few kernels. Eager
             mode makes one pass over the batch per op, and the colour ops are memory bound.
+        fused_color: on CUDA, run each ColorJitter slot (and the hue with the last slot before
+            it) as one runtime-compiled elementwise kernel (:mod:`fastsiam.augment.fused`,
+            ``torch.cuda.jiterator``) instead of a GEMM, a clamp and the hue's ~20 passes;
+            checked against the plain ops at first use, which stay in use (with a warning)
+            if the check fails. No effect on the CPU or with ``compile``.
     """
 
     def __init__(
@@ -174,6 +181,7 @@ class SimSiamAugment(nn.Module):
         channels_last: bool = True,
         compute_dtype: torch.dtype | None = None,
         compile: bool = False,
+        fused_color: bool = True,
     ):
         super().__init__()
         self.hflip_p = _check_p("hflip_p", hflip_p)
@@ -208,6 +216,7 @@ class SimSiamAugment(nn.Module):
         self.out_dtype = out_dtype
         self.compute_dtype = compute_dtype
         self.channels_last = channels_last
+        self.fused_color = bool(fused_color)
 
         # ColorJitter's factor ranges (torchvision's _check_input); a disabled op draws 1 (or
         # hue 0), which is its identity, and is left out of the schedule.
@@ -238,7 +247,7 @@ class SimSiamAugment(nn.Module):
             f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, blur_sigma={self.blur_sigma}, "
             f"blur_kernel_size={self.blur_kernel_size}, solarize_p={self.solarize_p}, "
             f"out_dtype={self.out_dtype}, channels_last={self.channels_last}, "
-            f"compile={self._compiled is not None}"
+            f"compile={self._compiled is not None}, fused_color={self.fused_color}"
         )
 
     def _constants(self, device: torch.device) -> dict[str, Tensor]:
@@ -384,23 +393,49 @@ class SimSiamAugment(nn.Module):
         factor = torch.where(hits.any(dim=2), (hits * factors).sum(dim=2), 1.0)          # [S, N]
         kind = {op: (hits[..., self._generic.index(op)] if op in self._generic else None)
                 for op in (CONTRAST, SATURATION)}
+        toward_luma = None if kind[SATURATION] is None else (1.0 - factor) * kind[SATURATION]  # [S, N]
+        mean_weight = None if kind[CONTRAST] is None else (1.0 - factor) * kind[CONTRAST]  # [S, N]
+        shift = torch.where(params.jitter, params.factors[:, HUE], 0.0).to(x.dtype) if self._hue_on else None
+        if self._use_fused(x):
+            return self._fused_jitter(x, factor, toward_luma, mean_weight, shift, m)
         t = self._typed(x.device, x.dtype)
         matrices = factor.view(*factor.shape, 1, 1) * t["eye"]                            # [S, N, 3, 3]
-        if kind[SATURATION] is not None:
-            toward_luma = (1.0 - factor) * kind[SATURATION]
+        if toward_luma is not None:
             matrices = torch.addcmul(matrices, toward_luma.view(*factor.shape, 1, 1), t["luma"])
-        mean_weight = None if kind[CONTRAST] is None else (1.0 - factor) * kind[CONTRAST]  # [S, N]
         for step in range(slots):
-            if self._hue_on and step == m:
-                x = AF.adjust_hue(x, torch.where(params.jitter, params.factors[:, HUE], 0.0))
+            if shift is not None and step == m:
+                x = AF.adjust_hue(x, shift)
             offset = None
             if mean_weight is not None:  # contrast: blend toward the image's mean luma
-                mean_luma = x.reshape(x.shape[0], -1) @ self._mean_luma_weights(x)       # [N]
-                offset = torch.mul(mean_weight[step], mean_luma).unsqueeze(1)
+                offset = torch.mul(mean_weight[step], self._mean_luma(x)).unsqueeze(1)
             x = AF.color_matrix(x, matrices[step], offset)
-        if self._hue_on and slots == m:  # no generic op enabled: the hue alone
-            x = AF.adjust_hue(x, torch.where(params.jitter, params.factors[:, HUE], 0.0))
+        if shift is not None and slots == m:  # no generic op enabled: the hue alone
+            x = AF.adjust_hue(x, shift)
         return x
+
+    def _use_fused(self, x: Tensor) -> bool:
+        """The fused kernels run on CUDA, when switched on and not under ``compile`` (which
+        fuses the plain ops itself), once :func:`~fastsiam.augment.fused.fused_color_works`."""
+        return (self.fused_color and self._compiled is None and x.device.type == "cuda"
+                and fused.fused_color_works(x))
+
+    def _fused_jitter(self, x: Tensor, factor: Tensor, toward_luma: Tensor | None,
+                      mean_weight: Tensor | None, shift: Tensor | None, m: int) -> Tensor:
+        """The same schedule as one :func:`~fastsiam.augment.fused.color_slot` kernel per slot:
+        slot ``s`` is ``(factor[s], toward_luma[s], mean_weight[s] x mean luma)``, and the hue
+        runs inside the last slot before it (slot ``m - 1``)."""
+        zeros = factor.new_zeros(factor.shape[1])
+        if m == 0:  # the hue alone, after an identity slot
+            return fused.color_slot(x, torch.ones_like(zeros), zeros, zeros, shift)
+        for step in range(factor.shape[0]):
+            beta = zeros if toward_luma is None else toward_luma[step]
+            gamma = zeros if mean_weight is None else torch.mul(mean_weight[step], self._mean_luma(x))
+            x = fused.color_slot(x, factor[step], beta, gamma, shift if step == m - 1 else None)
+        return x
+
+    def _mean_luma(self, x: Tensor) -> Tensor:
+        """``[N]``: each image's mean luma, as one GEMV of the planar batch (one read)."""
+        return x.reshape(x.shape[0], -1) @ self._mean_luma_weights(x)
 
     def forward(self, batch: TwoViewBatch, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Augment and normalize both views: ``(view1, view2)`` in ``out_dtype``.
