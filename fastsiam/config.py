@@ -83,7 +83,7 @@ class AugConfig:
     grayscale_p: float = _field(0.2, min=0.0, max=1.0)
     blur_p: float = _field(0.5, min=0.0, max=1.0)
     blur_sigma: list[float] = _field([0.1, 2.0], length=2, gt=0.0, ordered=True)
-    blur_kernel_size: int = _field(23, min=1, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
+    blur_kernel_size: int = _field(23, min=1, odd=True, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
     solarize_p: float = _field(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
     solarize_threshold: float = _field(0.5, min=0.0, max=1.0)
     mean: list[float] = _field(list(IMAGENET_MEAN), length=3)
@@ -446,12 +446,26 @@ def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, src:
         raise ConfigError(f"{where}: '{key}' must be > {gt}, got {value!r}")
     if hi is not None and value > hi:
         raise ConfigError(f"{where}: '{key}' must be <= {hi}, got {value!r}")
+    if meta.get("odd") and value % 2 == 0:
+        raise ConfigError(f"{where}: '{key}' must be an odd integer, got {value!r}")
     if hint is int and value > _INT_MAX:
         raise ConfigError(f"{where}: '{key}' must be <= {_INT_MAX} (a 64-bit integer), got {value!r}")
     return value
 
 
 _INT_MAX = 2**63 - 1  # torch takes seeds and sizes as C int64; a bigger int fails deep inside it
+
+
+def check_fields(cls: type, values: typing.Mapping[str, Any], section: str, source: str) -> dict[str, Any]:
+    """``values`` (some fields of the config section ``cls``, e.g. :class:`AugConfig`) checked
+    against that section's types and bounds, as a config file's would be: the one statement of
+    each bound, for code that takes the same settings as keyword arguments. Returns the values
+    as the config would hold them (ints given for floats become floats, tuples lists)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    origin = _Origin(source, frozenset())
+    return {name: _check(value, hints[name], fields[name].metadata, f"{section}.{name}", origin)
+            for name, value in values.items()}
 
 
 def _show(value: Any, limit: int = 80) -> str:

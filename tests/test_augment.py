@@ -364,11 +364,12 @@ def test_from_config_and_validation() -> None:
     assert aug.extra_repr().replace("bfloat16", "float32") == default.extra_repr()
     assert aug.mean == MEAN and aug.std == STD and aug.solarize_p == 0.0
     for bad, match in [
-        (dict(blur_kernel_size=22), "aug.blur_kernel_size must be a positive odd integer, got 22"),
-        (dict(hue=0.6), r"aug.hue must be in \[0, 0.5\], got 0.6"),
-        (dict(grayscale_p=1.5), r"aug.grayscale_p must be a probability in \[0, 1\], got 1.5"),
-        (dict(blur_sigma=[2.0, 0.1]), "aug.blur_sigma must be"),
-        (dict(std=[0.2, 0.0, 0.2]), "std nonzero"),
+        (dict(blur_kernel_size=22), "SimSiamAugment: 'aug.blur_kernel_size' must be an odd integer, got 22"),
+        (dict(hue=0.6), "SimSiamAugment: 'aug.hue' must be <= 0.5, got 0.6"),
+        (dict(grayscale_p=1.5), "'aug.grayscale_p' must be <= 1.0, got 1.5"),
+        (dict(blur_sigma=[2.0, 0.1]), r"'aug.blur_sigma' must be \[min, max\] with min <= max"),
+        (dict(std=[0.2, 0.0, 0.2]), "'aug.std' must be >= 1e-06, got 0.0"),
+        (dict(fused_color="yes"), "'aug.fused_color' must be true or false"),
         (dict(out_dtype=torch.int32), "out_dtype must be a floating dtype"),
     ]:
         with pytest.raises(ValueError, match=match):

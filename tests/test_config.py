@@ -71,6 +71,7 @@ def test_non_finite_floats_are_refused(value: str) -> None:
         ("train:\n  epochs: 1.5\n", "{f}: 'train.epochs' must be an integer, got 1.5"),
         ("train:\n  epochs: 0\n", "{f}: 'train.epochs' must be >= 1, got 0"),
         ("aug:\n  grayscale_p: 1.5\n", "{f}: 'aug.grayscale_p' must be <= 1.0, got 1.5"),
+        ("aug:\n  blur_kernel_size: 22\n", "{f}: 'aug.blur_kernel_size' must be an odd integer, got 22"),
         ("model:\n  backbone: resnet51\n",
          "{f}: 'model.backbone' must be one of resnet18, resnet34, resnet50, got 'resnet51'; did you mean 'resnet50'?"),
         ("data:\n  scale: [0.2]\n", "{f}: 'data.scale' must have 2 items, got 1: [0.2]"),

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from fastsiam.augment import functional as AF
 from fastsiam.augment import fused
-from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, check_fields
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.runtime import memory_format
 
@@ -115,12 +115,6 @@ def split_draws(u: Tensor) -> dict[str, Tensor]:
         out[name] = u[:, start] if n == 1 else u[:, start:start + n]
         start += n
     return out
-
-
-def _check_p(name: str, value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"aug.{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
 
 
 class SimSiamAugment(nn.Module):
@@ -184,39 +178,19 @@ class SimSiamAugment(nn.Module):
         fused_color: bool = True,
     ):
         super().__init__()
-        self.hflip_p = _check_p("hflip_p", hflip_p)
-        self.color_jitter_p = _check_p("color_jitter_p", color_jitter_p)
-        self.grayscale_p = _check_p("grayscale_p", grayscale_p)
-        self.blur_p = _check_p("blur_p", blur_p)
-        self.solarize_p = _check_p("solarize_p", solarize_p)
-        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-            if value < 0:
-                raise ValueError(f"aug.{name} must be >= 0, got {value!r}")
-        if not 0.0 <= hue <= 0.5:
-            raise ValueError(f"aug.hue must be in [0, 0.5], got {hue!r}")
-        if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"aug.blur_sigma must be [min, max] with 0 < min <= max, got {list(blur_sigma)!r}")
-        if int(blur_kernel_size) != blur_kernel_size or blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
-            raise ValueError(f"aug.blur_kernel_size must be a positive odd integer, got {blur_kernel_size!r}")
-        if not 0.0 <= solarize_threshold <= 1.0:
-            raise ValueError(f"aug.solarize_threshold must be in [0, 1], got {solarize_threshold!r}")
-        if len(mean) != 3 or len(std) != 3 or not all(std):
-            raise ValueError(f"aug.mean and aug.std must have 3 values, std nonzero; got {list(mean)}, {list(std)}")
+        # Every recipe setting is an AugConfig field, checked against its bounds there (one
+        # statement of each): a value out of them is the same one-line error a config file gets.
+        given = locals()
+        recipe = check_fields(AugConfig, {f.name: given[f.name] for f in dataclasses.fields(AugConfig)},
+                              "aug", "SimSiamAugment")
         for name, dtype in (("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
             if dtype is not None and not dtype.is_floating_point:
                 raise ValueError(f"SimSiamAugment: {name} must be a floating dtype, got {dtype}")
-
-        self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
-        self.hue = float(hue)
-        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.blur_kernel_size = int(blur_kernel_size)
-        self.solarize_threshold = float(solarize_threshold)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        for name, value in recipe.items():  # lists (blur_sigma, mean, std) kept as tuples
+            setattr(self, name, tuple(value) if isinstance(value, list) else value)
         self.out_dtype = out_dtype
         self.compute_dtype = compute_dtype
         self.channels_last = channels_last
-        self.fused_color = bool(fused_color)
 
         # ColorJitter's factor ranges (torchvision's _check_input); a disabled op draws 1 (or
         # hue 0), which is its identity, and is left out of the schedule.
