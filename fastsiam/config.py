@@ -20,14 +20,10 @@ too, since YAML would silently keep only the last.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
-import inspect
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,7 +37,7 @@ class ConfigError(ValueError):
     """A config problem, reported as one line naming the file and key."""
 
 
-def _field(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> Any:
+def setting(default: Any = dataclasses.MISSING, *, help: str = "", **meta: Any) -> Any:
     meta["help"] = help
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -57,116 +53,118 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class DataConfig:
-    backend: str = _field("pil", help="loader backend: pil | ffcv | dali | nvjpeg | synthetic")
-    train_path: str = _field("", help="training data: ImageFolder dir (pil), .beton (ffcv), shards dir (dali/nvjpeg)")
-    val_path: str | None = _field(None, help="validation data in the same format, for kNN and linear eval")
-    batch_size: int = _field(32, min=1, help="images per GPU (per process) per step")
-    workers: int = _field(8, min=0, help="loader worker processes/threads per process")
-    image_size: int = _field(224, min=8, help="side of the square crops fed to the model")
-    scale: list[float] = _field([0.2, 1.0], length=2, min=0.0, max=1.0, ordered=True,
+    backend: str = setting("pil", help="loader backend: one of those registered (fastsiam.data.register_backend), "
+                           "listed with their options under data.options below")
+    train_path: str = setting("", help="training data: ImageFolder dir (pil), .beton (ffcv), shards dir (dali/nvjpeg)")
+    val_path: str | None = setting(None, help="validation data in the same format, for kNN and linear eval")
+    batch_size: int = setting(32, min=1, help="images per GPU (per process) per step")
+    workers: int = setting(8, min=0, help="loader worker processes/threads per process")
+    image_size: int = setting(224, min=8, help="side of the square crops fed to the model")
+    scale: list[float] = setting([0.2, 1.0], length=2, min=0.0, max=1.0, ordered=True,
                             help="RandomResizedCrop area range [min, max]")
-    ratio: list[float] = _field([0.75, 1.3333333333333333], length=2, gt=0.0, ordered=True,
+    ratio: list[float] = setting([0.75, 1.3333333333333333], length=2, gt=0.0, ordered=True,
                             help="RandomResizedCrop aspect range [min, max]")
-    options: dict[str, Any] = _field({}, help="backend-specific keyword arguments (of the backend's build())")
-    on_corrupt: str = _field("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
+    options: dict[str, Any] = setting({}, help="the backend's own settings, checked against its options "
+                                      "class (fastsiam.data.options), listed per backend below")
+    on_corrupt: str = setting("stop", choices=["stop", "skip"], help="a sample that fails to decode: stop "
                          "with an error naming its shard/file and sample, or skip it (logged and counted)")
 
 
 @dataclass
 class AugConfig:
-    hflip_p: float = _field(0.5, min=0.0, max=1.0)
-    color_jitter_p: float = _field(0.8, min=0.0, max=1.0)
-    brightness: float = _field(0.4, min=0.0)
-    contrast: float = _field(0.4, min=0.0)
-    saturation: float = _field(0.4, min=0.0)
-    hue: float = _field(0.1, min=0.0, max=0.5)
-    grayscale_p: float = _field(0.2, min=0.0, max=1.0)
-    blur_p: float = _field(0.5, min=0.0, max=1.0)
-    blur_sigma: list[float] = _field([0.1, 2.0], length=2, gt=0.0, ordered=True)
-    blur_kernel_size: int = _field(23, min=1, odd=True, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
-    solarize_p: float = _field(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
-    solarize_threshold: float = _field(0.5, min=0.0, max=1.0)
-    mean: list[float] = _field(list(IMAGENET_MEAN), length=3)
-    std: list[float] = _field(list(IMAGENET_STD), length=3, min=1e-6)
-    fused_color: bool = _field(True, help="on CUDA: each ColorJitter slot (and the hue) as one runtime-compiled "
+    hflip_p: float = setting(0.5, min=0.0, max=1.0)
+    color_jitter_p: float = setting(0.8, min=0.0, max=1.0)
+    brightness: float = setting(0.4, min=0.0)
+    contrast: float = setting(0.4, min=0.0)
+    saturation: float = setting(0.4, min=0.0)
+    hue: float = setting(0.1, min=0.0, max=0.5)
+    grayscale_p: float = setting(0.2, min=0.0, max=1.0)
+    blur_p: float = setting(0.5, min=0.0, max=1.0)
+    blur_sigma: list[float] = setting([0.1, 2.0], length=2, gt=0.0, ordered=True)
+    blur_kernel_size: int = setting(23, min=1, odd=True, help="odd; the official recipe uses 10% of 224 px, rounded to odd")
+    solarize_p: float = setting(0.0, min=0.0, max=1.0, help="off for SimSiam; BYOL-style configs use 0.2")
+    solarize_threshold: float = setting(0.5, min=0.0, max=1.0)
+    mean: list[float] = setting(list(IMAGENET_MEAN), length=3)
+    std: list[float] = setting(list(IMAGENET_STD), length=3, min=1e-6)
+    fused_color: bool = setting(True, help="on CUDA: each ColorJitter slot (and the hue) as one runtime-compiled "
                                "elementwise kernel (torch.cuda.jiterator), checked against the plain ops at "
                                "first use; false: the plain torch ops (same results within rounding)")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _field("resnet50", choices=["resnet18", "resnet34", "resnet50"])
-    dim: int = _field(2048, min=1, help="projector output dimension")
-    pred_dim: int = _field(512, min=1, help="predictor hidden dimension")
-    small_input: bool = _field(False, help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
-    sync_bn: bool = _field(True, help="SyncBatchNorm under DDP, as the official recipe")
-    num_classes: int | None = _field(None, min=1, help="outputs of the linear classifier (linear eval); "
+    backbone: str = setting("resnet50", choices=["resnet18", "resnet34", "resnet50"])
+    dim: int = setting(2048, min=1, help="projector output dimension")
+    pred_dim: int = setting(512, min=1, help="predictor hidden dimension")
+    small_input: bool = setting(False, help="3x3 stride-1 stem, no max-pool (images <= 64 px)")
+    sync_bn: bool = setting(True, help="SyncBatchNorm under DDP, as the official recipe")
+    num_classes: int | None = setting(None, min=1, help="outputs of the linear classifier (linear eval); "
                                  "null: the training data's class count")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _field("sgd", choices=["sgd", "lars"])
-    lr: float = _field(0.05, min=0.0, max=1e30, help="base lr per 256 images; the run uses lr x global_batch / 256 "
+    name: str = setting("sgd", choices=["sgd", "lars"])
+    lr: float = setting(0.05, min=0.0, max=1e30, help="base lr per 256 images; the run uses lr x global_batch / 256 "
                    "(at most 1e30: that must fit the float32 lr tensors; a diverging lr stops at a non-finite loss)")
-    momentum: float = _field(0.9, min=0.0, max=1.0)
-    weight_decay: float = _field(1e-4, min=0.0, max=1.0, help="at most 1 (recipes use 1e-6 to 0.1)")
-    fix_pred_lr: bool = _field(True, help="keep the predictor at the initial lr (the official recipe)")
-    exclude_1d_from_wd: bool = _field(False, help="no weight decay (nor LARS adaptation) for 1-D params")
-    trust_coefficient: float = _field(0.001, min=0.0, help="LARS trust coefficient")
-    impl: str = _field("auto", choices=["auto", "torch", "foreach", "fused", "apex"],
+    momentum: float = setting(0.9, min=0.0, max=1.0)
+    weight_decay: float = setting(1e-4, min=0.0, max=1.0, help="at most 1 (recipes use 1e-6 to 0.1)")
+    fix_pred_lr: bool = setting(True, help="keep the predictor at the initial lr (the official recipe)")
+    exclude_1d_from_wd: bool = setting(False, help="no weight decay (nor LARS adaptation) for 1-D params")
+    trust_coefficient: float = setting(0.001, min=0.0, help="LARS trust coefficient")
+    impl: str = setting("auto", choices=["auto", "torch", "foreach", "fused", "apex"],
                    help="auto: fused on CUDA, foreach on CPU; torch: plain torch.optim.SGD")
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = _field("cosine", choices=["cosine", "cosine_epoch", "constant"],
+    name: str = setting("cosine", choices=["cosine", "cosine_epoch", "constant"],
                    help="cosine: per step; cosine_epoch: the official per-epoch cosine")
-    warmup_epochs: float = _field(0.0, min=0.0)
-    min_lr: float = _field(0.0, min=0.0, max=1.0, help="final lr as a fraction of the peak")
+    warmup_epochs: float = setting(0.0, min=0.0)
+    min_lr: float = setting(0.0, min=0.0, max=1.0, help="final lr as a fraction of the peak")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _field(100, min=1)
-    device: str = _field("auto", help="auto | cpu | cuda | cuda:N")
-    amp: str = _field("bf16", choices=["none", "bf16", "fp16"], help="autocast dtype on CUDA (CPU: bf16 or none)")
-    channels_last: bool = _field(True)
-    step: str = _field("eager", choices=["eager", "graph"], help="graph: capture the step once as a CUDA graph")
-    seed: int = _field(0, min=0)
-    deterministic: bool = _field(False, help="bit-reproducible on the CPU (slower)")
-    max_steps: int | None = _field(None, min=1, help="stop after this many optimizer steps")
-    accumulate_steps: int = _field(1, min=1, help="fastsiam linear: micro-batches of data.batch_size per optimizer "
+    epochs: int = setting(100, min=1)
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    amp: str = setting("bf16", choices=["none", "bf16", "fp16"], help="autocast dtype on CUDA (CPU: bf16 or none)")
+    channels_last: bool = setting(True)
+    step: str = setting("eager", choices=["eager", "graph"], help="graph: capture the step once as a CUDA graph")
+    seed: int = setting(0, min=0)
+    deterministic: bool = setting(False, help="bit-reproducible on the CPU (slower)")
+    max_steps: int | None = setting(None, min=1, help="stop after this many optimizer steps")
+    accumulate_steps: int = setting(1, min=1, help="fastsiam linear: micro-batches of data.batch_size per optimizer "
                                "step (the batch and lr are those of batch_size x this; pretraining refuses it)")
-    log_every: int = _field(10, min=1, help="steps between host syncs for logging")
-    on_nonfinite: str = _field("stop", choices=["stop", "skip"],
+    log_every: int = setting(10, min=1, help="steps between host syncs for logging")
+    on_nonfinite: str = setting("stop", choices=["stop", "skip"],
                            help="a non-finite loss: stop with a debug checkpoint, or skip that step's update")
-    max_skipped_steps: int = _field(20, min=1, help="with on_nonfinite=skip: stop as 'stop' does after this "
+    max_skipped_steps: int = setting(20, min=1, help="with on_nonfinite=skip: stop as 'stop' does after this "
                                 "many consecutive skipped steps")
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = _field(0, min=0, help="epochs between kNN monitor runs on data.val_path (0: off); "
+    knn_every: int = setting(0, min=0, help="epochs between kNN monitor runs on data.val_path (0: off); "
                         "when on, the random-init network is measured first and the last epoch always")
-    knn_k: int = _field(200, min=1)
-    knn_temperature: float = _field(0.07, min=1e-6)
-    pretrained: str | None = _field(None, help="checkpoint for linear/kNN evaluation")
+    knn_k: int = setting(200, min=1)
+    knn_temperature: float = setting(0.07, min=1e-6)
+    pretrained: str | None = setting(None, help="checkpoint for linear/kNN evaluation")
 
 
 @dataclass
 class DistConfig:
-    backend: str = _field("auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA, gloo on CPU")
-    timeout_s: float = _field(1800.0, min=1.0, help="seconds a collective may wait for the other ranks before "
+    backend: str = setting("auto", choices=["auto", "nccl", "gloo"], help="auto: nccl on CUDA, gloo on CPU")
+    timeout_s: float = setting(1800.0, min=1.0, help="seconds a collective may wait for the other ranks before "
                           "the job fails (torch's default is 600; a kNN bank or a checkpoint on a slow "
                           "disk can take longer)")
 
 
 @dataclass
 class OutputConfig:
-    work_dir: str | None = _field(None, help="default: work_dirs/<config file stem>; not inherited through _base_")
-    keep_last: int = _field(3, min=1, help="checkpoints kept besides the best")
-    tensorboard: bool = _field(False)
+    work_dir: str | None = setting(None, help="default: work_dirs/<config file stem>; not inherited through _base_")
+    keep_last: int = setting(3, min=1, help="checkpoints kept besides the best")
+    tensorboard: bool = setting(False)
 
 
 @dataclass
@@ -180,8 +178,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    name: str = _field("fastsiam", help="run name; set from the config file's stem when loaded")
-    task: str = _field("pretrain", choices=list(TASKS),
+    name: str = setting("fastsiam", help="run name; set from the config file's stem when loaded")
+    task: str = setting("pretrain", choices=list(TASKS),
                    help="the model the config describes: pretrain (SimSiam, fastsiam train) or linear "
                         "(a classifier on a frozen backbone, fastsiam linear); get_model and predict build it")
 
@@ -475,91 +473,39 @@ def _show(value: Any, limit: int = 80) -> str:
 
 
 def _check_backend_options(data: DataConfig, origin: _Origin) -> None:
-    """Each ``data.options`` key must be an option of the backend (a keyword argument of its
-    ``build``), or the loader fails later with a ``TypeError`` traceback; a backend fastsiam
-    does not know (mistyped, or registered by user code later) is left to ``build_loader``."""
-    if not data.options:
-        return
-    options = _backend_options(data.backend)
-    if options is None:
-        return
-    accepted = [o.name for o in options]
-    for name in data.options:
-        if name in accepted:
-            continue
+    """``data.options`` against the backend's options class (its registration's ``options``):
+    unknown keys and bad values are one-line errors here, before any data is read. A backend
+    fastsiam does not know (mistyped, or registered by user code later) is left to
+    ``build_loader``."""
+    # here: the registry imports torch, which config files do not need
+    from fastsiam import data as loaders
+
+    registered = loaders._BACKENDS.get(data.backend)
+    if registered is not None and data.options:
+        data.options = _checked_options(registered.options, data.options, data.backend, origin)
+
+
+def _checked_options(cls: type, raw: typing.Mapping[str, Any], backend: str, origin: _Origin) -> dict[str, Any]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in raw.items():
         dotted = f"data.options.{name}"
-        close = difflib.get_close_matches(str(name), accepted, n=1)
-        if close:
-            hint = f"did you mean '{close[0]}'?"
-        else:
-            hint = f"accepted options: {', '.join(accepted)}" if accepted else "it takes no options"
-        raise ConfigError(f"{origin.of(dotted)}: unknown option '{dotted}' for the {data.backend} backend; {hint}")
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            if close:
+                hint = f"did you mean '{close[0]}'?"
+            else:
+                hint = f"accepted options: {', '.join(fields)}" if fields else "it takes no options"
+            raise ConfigError(f"{origin.of(dotted)}: unknown option '{dotted}' for the {backend} backend; {hint}")
+        out[name] = _check(value, hints[name], fields[name].metadata, dotted, origin)
+    return out
 
 
-@dataclass(frozen=True)
-class BackendOption:
-    """One ``data.options`` key of a backend: its name, its default (as written in the source)
-    and the help of its build's docstring ("Options:" section)."""
-
-    name: str
-    default: str | None
-    help: str
-
-
-def _backend_options(backend: str) -> list[BackendOption] | None:
-    """The options of a registered backend: its ``build``'s keyword arguments beyond those of
-    ``build_loader``, read from the module's source rather than by importing it, since the
-    ffcv and DALI modules import their libraries, which a machine writing configs may lack.
-    ``None`` when they cannot be known (not registered, no ``def build``, or ``**kwargs``)."""
-    from fastsiam import data  # here: the registry imports torch, which config files do not need
-
-    spec = data._BACKENDS.get(backend)
-    try:
-        module = importlib.util.find_spec(spec.module) if spec is not None else None
-    except (ImportError, ValueError):  # a registered module whose package is missing
-        return None
-    if module is None or module.origin is None or not module.origin.endswith(".py"):
-        return None
-    tree = ast.parse(Path(module.origin).read_text(), module.origin)
-    build = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build"), None)
-    if build is None or build.args.kwarg is not None:
-        return None
-    common = set(inspect.signature(data.build_loader).parameters) | {"path", "spec"}
-    a = build.args
-    positional = [*a.posonlyargs, *a.args]
-    defaults = dict(zip([x.arg for x in positional[len(positional) - len(a.defaults):]], a.defaults))
-    defaults.update({x.arg: d for x, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
-    helps = _options_section(ast.get_docstring(build) or "")
-    # a default named by a module constant (num_samples=DEFAULT_NUM_SAMPLES) shows its value
-    constants = {t.id: ast.unparse(n.value) for n in tree.body if isinstance(n, ast.Assign)
-                 and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
-
-    def shown(default: ast.expr) -> str:
-        text = ast.unparse(default)
-        return constants.get(text, text)
-
-    return [BackendOption(x.arg, shown(defaults[x.arg]) if x.arg in defaults else None, helps.get(x.arg, ""))
-            for x in (*positional, *a.kwonlyargs) if x.arg not in common]
-
-
-def _options_section(doc: str) -> dict[str, str]:
-    """``{name: help}`` from the ``Options:`` section of a docstring (Google style; ``a, b:``
-    gives two names one help)."""
-    stripped = [line.strip() for line in doc.splitlines()]
-    if "Options:" not in stripped:
-        return {}
-    out: dict[str, str] = {}
-    current: list[str] = []
-    for line in doc.splitlines()[stripped.index("Options:") + 1:]:
-        m = re.match(r"^\s{4}(\w+(?:, \w+)*): (.*)$", line)
-        if m:
-            current = m[1].split(", ")
-            out.update({n: m[2].strip() for n in current})
-        elif current and line.startswith(" " * 8):
-            out.update({n: f"{out[n]} {line.strip()}" for n in current})
-        elif line.strip():
-            break
-    return {k: v.replace("``", "") for k, v in out.items()}
+def backend_options(cls: type, raw: typing.Mapping[str, Any], backend: str, source: str) -> Any:
+    """An instance of the options class ``cls`` of ``backend`` from the mapping ``raw``, checked
+    as the config checks ``data.options`` (``source`` names where the values came from)."""
+    return cls(**_checked_options(cls, raw, backend, _Origin(source, frozenset())))
 
 
 def describe() -> str:
@@ -581,16 +527,13 @@ def describe() -> str:
 
 def _describe_backend_options() -> list[str]:
     """The ``data.options`` of every registered backend, with defaults and help."""
-    from fastsiam.data import available_backends
+    from fastsiam import data as loaders
 
     lines = []
-    for backend in available_backends():
-        options = _backend_options(backend)
-        if options is None:
-            lines.append(f"    {backend}: (options not known without importing it)")
-            continue
-        lines.append(f"    {backend}:" + ("" if options else " no options"))
-        for o in options:
-            lines.append(f"      {o.name}: {o.default if o.default is not None else '(required)'}"
-                         + (f"    # {o.help}" if o.help else ""))
+    for backend in loaders.available_backends():
+        fields = dataclasses.fields(loaders._BACKENDS[backend].options)
+        lines.append(f"    {backend}:" + ("" if fields else " no options"))
+        for f in fields:
+            h = f.metadata.get("help", "")
+            lines.append(f"      {f.name}: {f.default!r}" + (f"    # {h}" if h else ""))
     return lines

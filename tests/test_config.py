@@ -143,23 +143,53 @@ def test_from_dict_and_describe() -> None:
 
 
 def test_help_config_lists_each_backends_options_with_their_defaults() -> None:
-    import importlib
-    import inspect
+    import dataclasses
     import subprocess
     import sys
 
-    from fastsiam.data import _BACKENDS, build_loader
+    from fastsiam.data import _BACKENDS
 
     out = subprocess.run([sys.executable, "-m", "fastsiam", "--help-config"], check=True, capture_output=True,
                          text=True).stdout
-    common = set(inspect.signature(build_loader).parameters) | {"path", "spec"}
     checked = 0
     for name, spec in _BACKENDS.items():
         assert f"\n    {name}:" in out, name
-        build = importlib.import_module(spec.module).build  # the reference: the signature itself
-        for p in inspect.signature(build).parameters.values():
-            if p.name not in common:
-                assert f"\n      {p.name}: {p.default!r}" in out, (name, p.name)
-                checked += 1
+        for f in dataclasses.fields(spec.options):  # the reference: the registered options class
+            assert f"\n      {f.name}: {f.default!r}" in out, (name, f.name)
+            checked += 1
     assert checked >= 15  # ffcv's order, os_cache, ...; synthetic's num_samples; pil's augment
-    assert "      augment: 'full'    # full (the official recipe per view" in out
+    assert "      augment: 'full'    # full: the official recipe per view" in out
+
+
+def test_every_backend_builds_from_the_options_class_it_is_registered_with() -> None:
+    """Read from the source (the ffcv and DALI modules import their libraries): each build is
+    build(path, spec, options: <the registered class>)."""
+    import ast
+    import importlib.util
+
+    from fastsiam.data import _BACKENDS
+
+    for name, spec in _BACKENDS.items():
+        origin = importlib.util.find_spec(spec.module).origin
+        tree = ast.parse(Path(origin).read_text())
+        build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build")
+        params = [a.arg for a in build.args.args]
+        assert params == ["path", "spec", "options"] and not build.args.kwonlyargs, (name, params)
+        assert ast.unparse(build.args.args[2].annotation) == spec.options.__name__, name
+
+
+def test_backend_option_values_are_checked_like_every_key() -> None:
+    with pytest.raises(ConfigError, match=r"^command line: 'data.options.order' must be one of random, "
+                                          r"quasi_random, got 'sequential'$"):
+        load_config(None, ["data.backend=ffcv", "data.options.order=sequential"])
+    with pytest.raises(ConfigError, match=r"'data.options.num_samples' must be >= 1, got 0$"):
+        load_config(None, ["data.backend=synthetic", "data.options.num_samples=0"])
+    assert load_config(None, ["data.backend=dali", "data.options.hw_decoder_load=1"]).data.options == \
+        {"hw_decoder_load": 1.0}  # an int for a float setting becomes the float
+
+
+def test_register_backend_needs_an_options_dataclass() -> None:
+    from fastsiam.data import register_backend
+
+    with pytest.raises(TypeError, match=r"register_backend\('mine'\): options must be a dataclass type, got \{\}"):
+        register_backend("mine", "my.module", {})  # type: ignore[arg-type]

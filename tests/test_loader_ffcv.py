@@ -167,7 +167,7 @@ def test_quasi_random_order_resumes(betons):
 def test_errors(betons, tmp_path):
     with pytest.raises(ValueError, match=r"quasi_random.*world_size=2"):
         ffcv(betons["train"], order="quasi_random", world_size=2)
-    with pytest.raises(ValueError, match="order must be one of random, quasi_random"):
+    with pytest.raises(ValueError, match=r"ffcv loader: 'data\.options\.order' must be one of random, quasi_random, got 'sequential'"):
         ffcv(betons["train"], order="sequential")
     with pytest.raises(ValueError, match=r"is a directory; expected an FFCV \.beton"):
         ffcv(tmp_path)

@@ -2,10 +2,11 @@
 
 Backends are registered by name with the module that implements them; a backend's module is
 imported only when it is asked for, so optional libraries (ffcv, DALI) are never needed to
-import fastsiam. Each backend module defines ``build(path, spec, **options) -> Loader``: ``spec``
+import fastsiam. Each backend module defines ``build(path, spec, options) -> Loader``: ``spec``
 is a :class:`~fastsiam.data.loader.LoaderSpec` with the arguments of :func:`build_loader` that
 every backend shares (its ``sampler(n)`` is the epoch's batches for this rank), ``options``
-the backend's own keyword arguments (``data.options`` in a config).
+an instance of the backend's own options dataclass (:mod:`fastsiam.data.options`; ``data.options``
+in a config), already checked.
 
 Damaged data: every backend checks its files at open (cheap checks, O(files)), names a sample
 that does not decode, and follows ``on_corrupt`` (see :class:`~fastsiam.data.loader.Loader`);
@@ -14,6 +15,7 @@ that does not decode, and follows ``on_corrupt`` (see :class:`~fastsiam.data.loa
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +24,12 @@ from typing import Any
 
 import torch
 
+from fastsiam.config import backend_options as backend_options_of
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.loader import ON_CORRUPT, CorruptDataError, Loader, LoaderSpec
+from fastsiam.data.options import (
+    DALIOptions, FFCVOptions, NoOptions, NVJPEGOptions, PILOptions, SyntheticOptions,
+)
 from fastsiam.data.sampler import EpochSampler
 
 __all__ = [
@@ -34,7 +40,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Backend:
-    module: str            # implements build(path, spec, **options)
+    module: str            # implements build(path, spec, options)
+    options: type          # its data.options, a dataclass (fastsiam.data.options)
     needs: str | None      # the optional library it imports, for the install hint
     install: str | None    # how to get it
     made_up: bool = False  # the backend makes its data up: no path, no classes to find (synthetic)
@@ -44,11 +51,24 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, module: str, needs: str | None = None, install: str | None = None,
-    made_up: bool = False,
+    name: str, module: str, options: type = NoOptions, needs: str | None = None,
+    install: str | None = None, made_up: bool = False,
 ) -> None:
-    """Make ``module`` (which defines ``build``) available as backend ``name``."""
-    _BACKENDS[name] = Backend(module, needs, install, made_up)
+    """Make ``module`` available as backend ``name``.
+
+    Args:
+        name: the ``data.backend`` value.
+        module: an importable module defining ``build(path, spec, options)`` (a
+            :class:`LoaderSpec` and an ``options`` instance) that returns a :class:`Loader`.
+        options: the dataclass of its ``data.options`` (see :mod:`fastsiam.data.options`),
+            declared with :func:`fastsiam.config.setting` so the config checks and lists them.
+        needs, install: the optional library ``module`` imports, and how to install it (the
+            error a user without it sees).
+        made_up: the backend generates its data (no path, no classes to find).
+    """
+    if not (dataclasses.is_dataclass(options) and isinstance(options, type)):
+        raise TypeError(f"register_backend({name!r}): options must be a dataclass type, got {options!r}")
+    _BACKENDS[name] = Backend(module, options, needs, install, made_up)
 
 
 def available_backends() -> list[str]:
@@ -61,12 +81,12 @@ def makes_data_up(backend: str) -> bool:
     return spec is not None and spec.made_up
 
 
-register_backend("pil", "fastsiam.data.pil_loader")
-register_backend("synthetic", "fastsiam.data.synthetic", made_up=True)
-register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader")
-register_backend("ffcv", "fastsiam.data.ffcv_loader", needs="ffcv",
+register_backend("pil", "fastsiam.data.pil_loader", PILOptions)
+register_backend("synthetic", "fastsiam.data.synthetic", SyntheticOptions, made_up=True)
+register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader", NVJPEGOptions)
+register_backend("ffcv", "fastsiam.data.ffcv_loader", FFCVOptions, needs="ffcv",
                  install="pip install 'fastsiam[ffcv]' (needs apt packages pkg-config libopencv-dev libturbojpeg0-dev)")
-register_backend("dali", "fastsiam.data.dali_loader", needs="nvidia.dali",
+register_backend("dali", "fastsiam.data.dali_loader", DALIOptions, needs="nvidia.dali",
                  install="pip install 'fastsiam[dali]' (nvidia-dali-cuda120)")
 
 
@@ -106,7 +126,8 @@ def build_loader(
         on_corrupt: a sample that does not decode: ``stop`` (raise :class:`CorruptDataError`
             naming its file and sample) or ``skip`` (a black image in its place, counted in
             ``loader.corrupt_count``, warned once per sample).
-        backend_options: extra keyword arguments for the backend.
+        backend_options: the backend's own options (its ``data.options``: the fields of its
+            options class in :mod:`fastsiam.data.options`), checked as the config checks them.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown loader backend {backend!r}; expected one of {', '.join(available_backends())}")
@@ -130,7 +151,8 @@ def build_loader(
         batch_size=batch_size, image_size=image_size, scale=(scale[0], scale[1]),
         ratio=(ratio[0], ratio[1]), workers=workers, device=torch.device(device), split=split,
         seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt)
-    return module.build(path, spec, **backend_options)
+    options = backend_options_of(registered.options, backend_options, backend, f"{backend} loader")
+    return module.build(path, spec, options)
 
 
 def build_loader_from_config(

@@ -62,11 +62,10 @@ from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import JPEGHeaderError, black_jpeg, decoder_message, jpeg_problem, jpeg_size
 from fastsiam.data.loader import CorruptDataError, Loader, LoaderSpec
+from fastsiam.data.options import DALIOptions
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
 
-READERS = ("index", "webdataset")
-DECODES = ("once", "twice")
 LABEL_DIGITS = 8  # the .cls member holds the label as decimal text; padded to this width
 
 
@@ -376,34 +375,12 @@ class DALITwoViewLoader(Loader):
                 del pipe
 
 
-def build(
-    path: str | Path,
-    spec: LoaderSpec,
-    *,
-    reader: str = "index",
-    decode: str = "once",
-    initial_fill: int = 1024,
-    hw_decoder_load: float = 0.65,
-    prefetch: int = 2,
-) -> DALITwoViewLoader:
-    """Build the DALI loader over a shard folder written by ``data_prep/to_dali.py``.
-
-    Options:
-        reader: ``index`` or ``webdataset`` (see fastsiam.data.dali_loader).
-        decode: ``once`` (decode, then two ROI resizes) or ``twice`` (two ROI decodes).
-        initial_fill: the ``webdataset`` reader's shuffling buffer, in samples.
-        hw_decoder_load: share of JPEGs for the hardware decoder (mixed decode on A100/H100).
-        prefetch: DALI's prefetch queue depth, in batches.
-    """
+def build(path: str | Path, spec: LoaderSpec, options: DALIOptions) -> DALITwoViewLoader:
+    """Build the DALI loader over a shard folder written by ``data_prep/to_dali.py`` (the
+    options: :class:`fastsiam.data.options.DALIOptions`)."""
     path = Path(path)
-    if reader not in READERS:
-        raise ValueError(
-            f"dali loader: option reader must be one of {', '.join(READERS)}, got {reader!r}"
-        )
-    if decode not in DECODES:
-        raise ValueError(
-            f"dali loader: option decode must be one of {', '.join(DECODES)}, got {decode!r}"
-        )
+    reader, decode, prefetch = options.reader, options.decode, options.prefetch
+    initial_fill, hw_decoder_load = options.initial_fill, options.hw_decoder_load
     if spec.on_corrupt == "skip" and reader != "index":
         raise ValueError(
             f"dali loader: on_corrupt='skip' needs reader='index' (DALI's {reader} reader picks "

@@ -57,9 +57,9 @@ from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.beton import check_scratch, classes_path, open_beton
 from fastsiam.data.ffcv_decoder import CenterCropDecoder, TwoCropDecoder, two_views
 from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.options import FFCVOptions
 from fastsiam.data.sampler import EpochSampler
 
-ORDERS = ("random", "quasi_random")
 
 
 class SamplerOrder(TraversalOrder):
@@ -226,35 +226,12 @@ def _classes(path: Path, reader: Reader, label_field: str) -> tuple[int, list[st
     return num_classes, names
 
 
-def build(
-    path: str | Path,
-    spec: LoaderSpec,
-    *,
-    order: str = "random",
-    os_cache: bool = True,
-    batches_ahead: int = 3,
-    copy: bool = True,
-    image_field: str = "image",
-    label_field: str = "label",
-) -> FFCVTwoViewLoader:
-    """Build the FFCV loader over a .beton with an RGB image field and an int label field.
-
-    Options:
-        order: ``random`` or ``quasi_random`` (see fastsiam.data.ffcv_loader).
-        os_cache: let the OS page cache hold the file (FFCV's default; good when it fits in
-            RAM or several processes read it); False reads pages into the process.
-        batches_ahead: batches FFCV prepares in advance.
-        copy: FFCV refills its output buffers ``batches_ahead + 2`` batches later; True hands
-            out copies the consumer may keep, False the buffers themselves, as stock FFCV does
-            (saves one memcpy per batch; fine for a consumer that uses each batch before
-            drawing the next few, like the trainer).
-        image_field, label_field: the .beton's field names.
-    """
+def build(path: str | Path, spec: LoaderSpec, options: FFCVOptions) -> FFCVTwoViewLoader:
+    """Build the FFCV loader over a .beton with an RGB image field and an int label field
+    (the options: :class:`fastsiam.data.options.FFCVOptions`)."""
     path = Path(path)
-    if order not in ORDERS:
-        raise ValueError(
-            f"ffcv loader: option order must be one of {', '.join(ORDERS)}, got {order!r}"
-        )
+    order, batches_ahead = options.order, options.batches_ahead
+    image_field, label_field = options.image_field, options.label_field
     if order == "quasi_random" and spec.world_size > 1:
         raise ValueError(
             f"ffcv loader: order='quasi_random' is not available with distributed "
@@ -280,7 +257,7 @@ def build(
             str(path),
             batch_size=spec.batch_size,
             num_workers=max(spec.workers, 1),
-            os_cache=os_cache,
+            os_cache=options.os_cache,
             order=OrderOption.QUASI_RANDOM if quasi else OrderOption.SEQUENTIAL,
             seed=spec.seed,
             pipelines=pipelines,
@@ -292,7 +269,7 @@ def build(
         loader, sampler, loader.traversal_order if quasi else None
     )
     num_classes, classes = _classes(path, reader, label_field)
-    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, copy, path,
+    return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, options.copy, path,
                              spec.on_corrupt)
 
 

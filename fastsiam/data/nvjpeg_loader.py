@@ -44,6 +44,7 @@ from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import BLACK_SIDE, decoder_message, jpeg_problem
 from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.options import NVJPEGOptions
 from fastsiam.data.resample import crop_resize
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
@@ -55,7 +56,6 @@ warnings.filterwarnings(
     message="The image decoding and encoding capabilities of TorchVision are deprecated",
     category=DeprecationWarning,
 )
-RESIZES = ("batched", "per_image")
 _DONE = object()  # end-of-epoch marker in the stage queues
 
 
@@ -345,29 +345,12 @@ class NVJPEGLoader(Loader):
             decode_pool.shutdown(wait=False)
 
 
-def build(
-    path: str | Path,
-    spec: LoaderSpec,
-    *,
-    readers: int = 4,
-    prefetch: int = 2,
-    resize: str | None = None,
-) -> NVJPEGLoader:
-    """Build the torchvision/nvJPEG loader over a shard folder written by ``data_prep/to_dali.py``.
-
-    Options:
-        readers: threads reading a batch's bytes (more for network file systems).
-        prefetch: finished batches held ahead of the consumer.
-        resize: ``batched`` or ``per_image``; default: ``batched`` on a GPU, ``per_image`` on
-            the CPU (where dense matrix products cost more than torch's vectorized uint8 resize).
-    """
+def build(path: str | Path, spec: LoaderSpec, options: NVJPEGOptions) -> NVJPEGLoader:
+    """Build the torchvision/nvJPEG loader over a shard folder written by ``data_prep/to_dali.py``
+    (the options: :class:`fastsiam.data.options.NVJPEGOptions`)."""
     path = Path(path)
-    if resize is None:
-        resize = "batched" if spec.device.type == "cuda" else "per_image"
-    if resize not in RESIZES:
-        raise ValueError(
-            f"nvjpeg loader: option resize must be one of {', '.join(RESIZES)}, got {resize!r}"
-        )
+    readers, prefetch = options.readers, options.prefetch
+    resize = options.resize or ("batched" if spec.device.type == "cuda" else "per_image")
     shards = open_shard_folder(path, "nvjpeg")
     return NVJPEGLoader(
         shards,

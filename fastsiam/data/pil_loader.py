@@ -39,6 +39,7 @@ from torchvision import datasets, transforms
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
 from fastsiam.data.jpeg import BLACK_SIDE
 from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.options import PILOptions
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.imageio import to_rgb
@@ -184,25 +185,21 @@ class PILLoader(Loader):
             yield batch_type(to_device(views, self.device), to_device(label, self.device))
 
 
-def build(path: str | Path, spec: LoaderSpec, *, augment: str = "full") -> PILLoader:
-    """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``).
-
-    Options:
-        augment: ``full`` (the official recipe per view, in PIL) or ``crop`` (random-resized
-            crop only: plain uint8 views, for linear evaluation and GPU-side augmentation).
-    """
+def build(path: str | Path, spec: LoaderSpec, options: PILOptions) -> PILLoader:
+    """Build the PIL reference loader over an ImageFolder directory (``<path>/<class>/<image>``);
+    ``options.augment`` is ``full`` (the official recipe per view, in PIL) or ``crop``
+    (random-resized crop only: plain uint8 views, for linear evaluation and GPU-side
+    augmentation)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"pil loader: {path} is not a directory; expected an ImageFolder (<path>/<class>/<image>)")
-    if augment not in ("full", "crop"):
-        raise ValueError(f"pil loader: option augment must be 'full' or 'crop', got {augment!r}")
     try:
         folder = datasets.ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f"pil loader: {path} is not an ImageFolder: {e}") from None
     if not spec.train:
         view = eval_transform(spec.image_size)
-    elif augment == "full":
+    elif options.augment == "full":
         view = official_view_transform(spec.image_size, spec.scale, spec.ratio)
     else:
         view = crop_view_transform(spec.image_size, spec.scale, spec.ratio)

@@ -18,11 +18,11 @@ import torch
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed
 from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.options import SyntheticOptions
 from fastsiam.data.sampler import EpochSampler
 
 # An epoch of a few hundred steps: made-up data has no size of its own, and a step benchmark
 # wants epochs (schedules, sampler restarts) to come round, not ImageNet's 1.28 M samples.
-DEFAULT_NUM_SAMPLES = 10_240
 
 
 class SyntheticLoader(Loader):
@@ -74,22 +74,12 @@ class SyntheticLoader(Loader):
             yield TwoViewBatch(views, label) if self.two_views else EvalBatch(views, label)
 
 
-def build(path: str | Path, spec: LoaderSpec, *, num_samples: int = DEFAULT_NUM_SAMPLES,
-          num_classes: int = 1000) -> SyntheticLoader:
+def build(path: str | Path, spec: LoaderSpec, options: SyntheticOptions) -> SyntheticLoader:
     """Build the synthetic loader (``path`` and the spec's ``scale``, ``ratio``, ``workers``
-    and ``on_corrupt`` are unused: made-up data is never damaged).
-
-    Options:
-        num_samples: the epoch's length.
-        num_classes: the label range.
-    """
-    if num_samples < 1 or num_classes < 1:
-        raise ValueError(
-            f"synthetic loader: num_samples and num_classes must be >= 1, got "
-            f"{num_samples} and {num_classes}"
-        )
-    return SyntheticLoader(spec.sampler(num_samples), image_size=spec.image_size,
-                           num_classes=num_classes, two_views=spec.train, device=spec.device)
+    and ``on_corrupt`` are unused: made-up data is never damaged; the options:
+    :class:`fastsiam.data.options.SyntheticOptions`)."""
+    return SyntheticLoader(spec.sampler(options.num_samples), image_size=spec.image_size,
+                           num_classes=options.num_classes, two_views=spec.train, device=spec.device)
 
 
 __all__ = ["SyntheticLoader", "build"]
