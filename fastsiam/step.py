@@ -293,19 +293,24 @@ class GraphStep(Step):
             self._capture(batch)
         elif not self._fits(batch):
             if not self._warned_shape:
-                warnings.warn(f"batch views of shape {tuple(batch.views.shape)} differ from the "
-                              f"captured {tuple(self._static.views.shape)}; running it eagerly",
+                warnings.warn(f"batch views of shape {tuple(batch.views.shape)} (draws "
+                              f"{tuple(batch.draws.shape)}) differ from the captured "
+                              f"{tuple(self._static.views.shape)} ({tuple(self._static.draws.shape)}); "
+                              "running it eagerly",
                               stacklevel=2)
                 self._warned_shape = True
             return super().__call__(batch)
         self._static.views.copy_(batch.views, non_blocking=True)
+        if batch.draws.numel():
+            self._static.draws.copy_(batch.draws, non_blocking=True)
         self.graph.replay()
         # The static outputs are overwritten by the next replay; callers keep these.
         return StepOutput(self._static_out.loss.clone(), self._static_out.z_std.clone())
 
     def _fits(self, batch: TwoViewBatch) -> bool:
         static = self._static.views
-        return batch.views.shape == static.shape and batch.views.dtype == static.dtype
+        return (batch.views.shape == static.shape and batch.views.dtype == static.dtype
+                and batch.draws.shape == self._static.draws.shape)
 
     def _state_tensors(self) -> list[Tensor]:
         """Everything a step mutates: weights, BN buffers, momentum, the scaler."""

@@ -32,7 +32,7 @@ from torch import nn
 import fastsiam
 from fastsiam import checkpoint as ckpt
 from fastsiam import dist
-from fastsiam.augment import SimSiamAugment
+from fastsiam.augment import DRAW_COLUMNS, SimSiamAugment
 from fastsiam.config import AugConfig, Config
 from fastsiam.data import build_loader_from_config, makes_data_up
 from fastsiam.files import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
@@ -152,9 +152,11 @@ class Trainer:
             if self.device.type == "cpu":
                 torch.set_num_threads(1)
 
+        # The batches carry the augmentation's draws, per (seed, epoch, sample, view): a sample
+        # is augmented the same on 1 or N processes (backends that draw their own carry none).
         self.loader = build_loader_from_config(
             cfg.data, split="train", device=self.device, seed=cfg.train.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, view_draws=DRAW_COLUMNS,
         )
         self.steps_per_epoch = len(self.loader)
         # The kNN monitor finds classes by their labels; made-up data has none to find.

@@ -126,9 +126,12 @@ def check_contract(batch: TwoViewBatch | EvalBatch, batch_size: int, size: int =
     assert batch.label.shape == (batch_size,)
 
 
+PER_TRAIN_BATCH = len(TwoViewBatch._fields)  # views, label, draws
+
+
 def epoch_tensors(loader) -> list[torch.Tensor]:
-    """Every tensor of one pass over ``loader`` (for bitwise comparisons): views and labels
-    of each batch in turn, two per batch."""
+    """Every tensor of one pass over ``loader`` (for bitwise comparisons): each batch's fields
+    in turn (``PER_TRAIN_BATCH`` per train batch)."""
     return [t.clone() for batch in loader for t in batch]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from loader_helpers import SIZE, assert_same, check_contract, epoch_tensors
+from loader_helpers import PER_TRAIN_BATCH, SIZE, assert_same, check_contract, epoch_tensors
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
@@ -185,7 +185,7 @@ def test_synthetic_contract_and_resume():
     full = [t for b in batches for t in b]
     again = build_loader("synthetic", "", seed=1, **kw)
     again.load_state_dict({"epoch": 0, "start_batch": 6})
-    assert_same(full[6 * 2 :], epoch_tensors(again))
+    assert_same(full[6 * PER_TRAIN_BATCH :], epoch_tensors(again))
     again.set_epoch(1)
     assert not torch.equal(full[0], next(iter(again)).views)
     val = build_loader("synthetic", "", split="val", drop_last=False, **kw)

@@ -15,6 +15,7 @@ pytest.importorskip("ffcv")
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 from loader_helpers import (  # noqa: E402
+    PER_TRAIN_BATCH,
     SIZE,
     assert_same,
     check_contract,
@@ -110,7 +111,7 @@ def test_kept_batches_stay_as_handed_out(train_loader):
     assert len(kept) >= 3
     for j, held in enumerate(kept):
         k = 2 * j
-        expected = reference[2 * k] if k % 4 else reference[2 * k][: B]
+        expected = reference[PER_TRAIN_BATCH * k] if k % 4 else reference[PER_TRAIN_BATCH * k][: B]
         assert torch.equal(held.views if k % 4 else held, expected)
 
 
@@ -125,7 +126,7 @@ def test_mid_epoch_resume(train_loader, betons):
     resumed = ffcv(betons["train"])
     resumed.load_state_dict(state)
     rest = epoch_tensors(resumed)
-    assert_same(full[2 * 2 :], rest)
+    assert_same(full[2 * PER_TRAIN_BATCH :], rest)
     assert len(resumed) == len(train_loader)
 
 
@@ -158,10 +159,10 @@ def test_quasi_random_order_resumes(betons):
     loader = ffcv(betons["train"], order="quasi_random", os_cache=False)
     loader.set_epoch(1)
     full = epoch_tensors(loader)
-    labels = torch.cat(full[1::2]).tolist()
+    labels = torch.cat(full[1::PER_TRAIN_BATCH]).tolist()
     assert sorted(labels) == sorted(np.repeat(range(4), 12).tolist())
     loader.load_state_dict({"epoch": 1, "start_batch": 4})
-    assert_same(full[4 * 2 :], epoch_tensors(loader))
+    assert_same(full[4 * PER_TRAIN_BATCH :], epoch_tensors(loader))
 
 
 def test_errors(betons, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from loader_helpers import (
+    PER_TRAIN_BATCH,
     SIZE,
     assert_same,
     check_contract,
@@ -99,7 +100,7 @@ def test_determinism_and_resume(backend, options, shards):
     assert state == {"epoch": 4, "start_batch": 1}
     c = load(backend, shards["train"], **options)
     c.load_state_dict(state)
-    assert_same(full[2:], epoch_tensors(c))
+    assert_same(full[PER_TRAIN_BATCH:], epoch_tensors(c))
     c.set_epoch(5)
     assert not torch.equal(full[0], epoch_tensors(c)[0])
 
@@ -196,7 +197,7 @@ def test_dali_webdataset_reader(shards, sources):
     assert not torch.equal(full[0], epoch_tensors(a)[0])
     b = load("dali", shards["train"], reader="webdataset", initial_fill=16)
     b.load_state_dict({"epoch": 1, "start_batch": 3})
-    assert_same(full[3 * 2 :], epoch_tensors(b))
+    assert_same(full[3 * PER_TRAIN_BATCH :], epoch_tensors(b))
 
 
 @pytest.mark.parametrize("backend", ["nvjpeg", pytest.param("dali", marks=needs_dali)])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastsiam.augment import SimSiamAugment
+from fastsiam.augment import DRAW_COLUMNS, SimSiamAugment
 from fastsiam.config import OptimConfig, ScheduleConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam
@@ -29,18 +29,20 @@ from fastsiam.testing.fake_cuda import CAPTURE, DeviceTrace, fake_cuda
 OUT_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
 
 
-def _views(n: int, size: int, floating: bool, channels_last: bool) -> TwoViewBatch:
-    """Loader output on the device: uint8 crops, or the PIL reference's normalized floats."""
+def _views(n: int, size: int, floating: bool, channels_last: bool, draws: bool = False) -> TwoViewBatch:
+    """Loader output on the device: uint8 crops, or the PIL reference's normalized floats; with
+    ``draws``, the augmentation's per-view uniforms as the pil/ffcv/nvjpeg loaders carry them."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dtype = torch.float32 if floating else torch.uint8
     views = torch.empty((2 * n, 3, size, size), dtype=dtype, device="cuda", memory_format=fmt)
-    return TwoViewBatch(views, torch.empty(n, dtype=torch.long, device="cuda"))
+    carried = torch.empty((2 * n, DRAW_COLUMNS), device="cuda") if draws else None
+    return TwoViewBatch(views, torch.empty(n, dtype=torch.long, device="cuda"), carried)
 
 
 def _run_step(*, mode: str = "graph", amp: str = "bf16", channels_last: bool = True,
               floating: bool = False, optimizer: str = "sgd", impl: str = "foreach",
               skip_nonfinite: bool = False, backbone: str = "resnet18", size: int = 16,
-              n: int = 4) -> tuple[DeviceTrace, Step]:
+              n: int = 4, draws: bool = False) -> tuple[DeviceTrace, Step]:
     with fake_cuda() as trace:
         model = SimSiam(backbone, dim=64, pred_dim=16, small_input=backbone == "resnet18")
         model.to("cuda")
@@ -49,13 +51,13 @@ def _run_step(*, mode: str = "graph", amp: str = "bf16", channels_last: bool = T
         augment = SimSiamAugment(out_dtype=OUT_DTYPE[amp], channels_last=channels_last)
         step = build_step(model, opt, augment, device="cuda", amp=amp, channels_last=channels_last,
                           mode=mode, skip_nonfinite=skip_nonfinite)
-        batch = _views(n, size, floating, channels_last)
+        batch = _views(n, size, floating, channels_last, draws)
         schedule.set(0)
         step(batch)  # graph: warm-up, capture, first replay
         for i in (1, 2):
             with trace.region(f"step {i}"):
                 schedule.set(i)
-                step(_views(n, size, floating, channels_last))
+                step(_views(n, size, floating, channels_last, draws))
     return trace, step
 
 
@@ -83,6 +85,20 @@ def test_graph_capture_and_replay_have_no_host_traffic(amp: str, channels_last: 
         assert trace.counts(f"step {i}")["launch"] == 1
         kernels = [op.name for op in trace.select(f"step {i}", "kernel")]
         assert [k for k in kernels if k.startswith("aten.copy")] == ["aten.copy_.default"], kernels
+
+
+def test_carried_draws_are_a_static_input_of_the_graph() -> None:
+    """Batches that carry the augmentation's draws: the graph reads them from its static
+    buffer (no device RNG inside it), and each replay copies the views and the draws in."""
+    trace, _ = _run_step(draws=True)
+    trace.assert_clean(CAPTURE)
+    names = {op.name for op in trace.select(CAPTURE, "kernel")}
+    assert "aten.convolution_backward.default" in names and "aten.rand.generator" not in names
+    for i in (1, 2):
+        trace.assert_clean(f"step {i}")
+        copies = [op for op in trace.select(f"step {i}", "kernel") if op.name.startswith("aten.copy")]
+        # the counter's copy_: the source read, the destination read and written (n=4, 16 px)
+        assert [op.nbytes for op in copies] == [3 * (2 * 4 * 3 * 16 * 16), 3 * (2 * 4 * DRAW_COLUMNS * 4)]
 
 
 @pytest.mark.parametrize(("optimizer", "impl", "skip_nonfinite"), [

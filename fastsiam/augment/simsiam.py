@@ -68,7 +68,7 @@ from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, check_fields
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.runtime import memory_format
 
-__all__ = ["AugParams", "SimSiamAugment", "to_normalized"]
+__all__ = ["DRAWS", "DRAW_COLUMNS", "AugParams", "SimSiamAugment", "to_normalized"]
 
 # Column of each op in AugParams.factors / AugParams.order, as torchvision's ColorJitter fn_idx.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -276,9 +276,17 @@ class SimSiamAugment(nn.Module):
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> AugParams:
         """Draw the random parameters of ``n`` samples on ``device`` (one ``torch.rand`` call)."""
-        device = torch.device(device)
-        c = self._constants(device)
-        u = split_draws(torch.rand(n, DRAW_COLUMNS, generator=generator, device=device))
+        return self.params_from(torch.rand(n, DRAW_COLUMNS, generator=generator, device=torch.device(device)))
+
+    def params_from(self, uniforms: Tensor) -> AugParams:
+        """The parameters of ``N`` samples from their uniforms in [0, 1), ``[N, DRAW_COLUMNS]``
+        (columns as :data:`DRAWS`): drawn on the device, or carried by the batch
+        (``TwoViewBatch.draws``, a function of each sample and view alone)."""
+        if uniforms.dim() != 2 or uniforms.shape[1] != DRAW_COLUMNS:
+            raise ValueError(f"SimSiamAugment: expected uniforms [N, {DRAW_COLUMNS}] (one row per view, "
+                             f"columns as DRAWS), got {list(uniforms.shape)}")
+        c = self._constants(uniforms.device)
+        u = split_draws(uniforms)
         lo_s, hi_s = self.blur_sigma
         return AugParams(
             flip=u["flip"] < self.hflip_p,
@@ -427,7 +435,10 @@ class SimSiamAugment(nn.Module):
             raise ValueError(f"SimSiamAugment: expected uint8 (or already augmented float) views, got {views.dtype}")
         if views.shape[1] != 3:
             raise ValueError(f"SimSiamAugment: expected views [2B, 3, H, W], got {list(views.shape)}")
-        params = self.sample_params(2 * n, views.device, generator)
+        # The batch's own draws when the loader carried them (the same for a sample on any rank
+        # or world size), else fresh ones from the device's generator.
+        params = (self.params_from(batch.draws) if batch.draws.shape[1]
+                  else self.sample_params(2 * n, views.device, generator))
         pipeline = self._pipeline if self._compiled is None else self._compiled
         out = pipeline(views, params, self._constants(views.device))
         return out[:n], out[n:]

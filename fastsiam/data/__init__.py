@@ -106,6 +106,7 @@ def build_loader(
     world_size: int = 1,
     drop_last: bool = True,
     on_corrupt: str = "stop",
+    view_draws: int = 0,
     **backend_options: Any,
 ) -> Loader:
     """Build a loader of ``TwoViewBatch`` (``split="train"``) or ``EvalBatch`` (``"val"``).
@@ -126,6 +127,10 @@ def build_loader(
         on_corrupt: a sample that does not decode: ``stop`` (raise :class:`CorruptDataError`
             naming its file and sample) or ``skip`` (a black image in its place, counted in
             ``loader.corrupt_count``, warned once per sample).
+        view_draws: random numbers per view that train batches carry for the device
+            augmentation (``TwoViewBatch.draws``; ``SimSiamAugment.DRAWS``' columns), each a
+            function of (seed, epoch, sample, view); 0: none. DALI's ``webdataset`` reader
+            (which picks its samples itself) and synthetic (made-up data) carry none.
         backend_options: the backend's own options (its ``data.options``: the fields of its
             options class in :mod:`fastsiam.data.options`), checked as the config checks them.
     """
@@ -150,7 +155,8 @@ def build_loader(
     spec = LoaderSpec(
         batch_size=batch_size, image_size=image_size, scale=(scale[0], scale[1]),
         ratio=(ratio[0], ratio[1]), workers=workers, device=torch.device(device), split=split,
-        seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt)
+        seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, on_corrupt=on_corrupt,
+        view_draws=view_draws)
     options = backend_options_of(registered.options, backend_options, backend, f"{backend} loader")
     return module.build(path, spec, options)
 
@@ -158,6 +164,7 @@ def build_loader(
 def build_loader_from_config(
     data_cfg: Any, *, split: str = "train", device: str | torch.device = "cpu", seed: int = 0,
     rank: int = 0, world_size: int = 1, path: str | Path | None = None, batch_size: int | None = None,
+    view_draws: int = 0,
 ) -> Loader:
     """Build from the config's ``data`` section (``train_path`` or ``val_path`` by split)."""
     if path is None:
@@ -171,5 +178,5 @@ def build_loader_from_config(
         image_size=data_cfg.image_size, scale=data_cfg.scale, ratio=data_cfg.ratio,
         workers=data_cfg.workers, device=device, split=split, seed=seed, rank=rank,
         world_size=world_size, drop_last=split == "train", on_corrupt=data_cfg.on_corrupt,
-        **data_cfg.options,
+        view_draws=view_draws, **data_cfg.options,
     )

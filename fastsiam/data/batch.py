@@ -20,10 +20,12 @@ from torch import Tensor
 class _TwoViewFields(NamedTuple):
     views: Tensor
     label: Tensor
+    draws: Tensor
 
 
 class TwoViewBatch(_TwoViewFields):
-    """Two random views of the same B images in one tensor, and their labels (int64 ``[B]``).
+    """Two random views of the same B images in one tensor, their labels (int64 ``[B]``), and
+    the device augmentation's random numbers for each view (float32 ``[2B, k]``, or ``[2B, 0]``).
 
     ``views`` is ``[2B, 3, H, W]``, view-major: rows ``[:B]`` are the images' first views,
     rows ``[B:]`` their second views, both in the order of ``label``. One tensor, because the
@@ -33,24 +35,35 @@ class TwoViewBatch(_TwoViewFields):
 
     A subclass of the field tuple, since a NamedTuple cannot define ``__new__``: the check of
     the shapes runs on every construction (shape metadata only, no device sync).
+
+    ``draws`` (view-major, as ``views``) come from :func:`fastsiam.data.crops.view_uniforms`: a
+    function of (seed, epoch, sample, view) alone, so a sample is augmented the same whatever
+    batch, rank or world size it lands in. DALI's ``webdataset`` reader (it picks its samples
+    itself) and the synthetic backend (made-up data) leave it empty (``[2B, 0]``, the default),
+    and the augmentation then draws on the device.
     """
 
     __slots__ = ()
 
-    def __new__(cls, views: Tensor, label: Tensor) -> TwoViewBatch:
+    def __new__(cls, views: Tensor, label: Tensor, draws: Tensor | None = None) -> TwoViewBatch:
         if views.dim() != 4 or views.shape[0] % 2 or label.shape != (views.shape[0] // 2,):
             raise ValueError(
                 "TwoViewBatch: expected views [2B, C, H, W] (every first view, then every "
                 f"second view) and labels [B], got {list(views.shape)} and {list(label.shape)}"
             )
-        return super().__new__(cls, views, label)
+        if draws is None:
+            draws = torch.empty((views.shape[0], 0), dtype=torch.float32, device=views.device)
+        elif draws.dim() != 2 or draws.shape[0] != views.shape[0] or draws.dtype != torch.float32:
+            raise ValueError(f"TwoViewBatch: expected float32 draws [2B, k] = [{views.shape[0]}, k], "
+                             f"got {draws.dtype} {list(draws.shape)}")
+        return super().__new__(cls, views, label, draws)
 
     @classmethod
-    def from_pair(cls, view1: Tensor, view2: Tensor, label: Tensor) -> TwoViewBatch:
+    def from_pair(cls, view1: Tensor, view2: Tensor, label: Tensor, draws: Tensor | None = None) -> TwoViewBatch:
         """A batch from two separate ``[B, 3, H, W]`` views, concatenated (one copy; a
         channels_last pair stays channels_last). For tests and callers that truly hold two
         tensors; loaders write both views into one tensor instead."""
-        return cls(torch.cat([view1, view2]), label)
+        return cls(torch.cat([view1, view2]), label, draws)
 
     @property
     def view1(self) -> Tensor:

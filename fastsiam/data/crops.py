@@ -1,4 +1,5 @@
-"""Crop boxes shared by the fast backends: counter-based RandomResizedCrop and the eval box.
+"""Crop boxes shared by the fast backends: counter-based RandomResizedCrop, the eval box, and the
+device augmentation's per-view draws (:func:`view_uniforms`).
 
 Every backend that cuts its own crops (ffcv, nvjpeg; DALI draws its own) takes the boxes from
 here, so one (seed, epoch, sample, view) gives the same box whatever the backend, the number
@@ -32,6 +33,10 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53: the top 53 bits as a float in [0, 1)
 _MASK = (1 << 64) - 1
+_S40 = np.uint64(40)
+# The augmentation's draws come from step(sample key, AUGMENT_STREAM), a stream of their own: a
+# sample key's own stream holds its crop box's draws.
+AUGMENT_STREAM = np.uint64(2)
 
 
 def mix64(x):
@@ -79,6 +84,22 @@ def uniforms(keys: np.ndarray, count: int) -> np.ndarray:
     c = np.arange(1, count + 1, dtype=np.uint64)
     bits = mix64(keys.astype(np.uint64)[:, None] + c[None, :] * _GAMMA)
     return (bits >> _S11).astype(np.float64) * _TO_UNIT
+
+
+def view_uniforms(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    """The device augmentation's random numbers for a batch: float32 ``[2 * len(indices), count]``
+    in [0, 1), view-major (every sample's first view, then every second), as the batch's views.
+
+    Row ``(v, i)`` depends on (seed, epoch, sample ``indices[i]``, view ``v``) alone, like the crop
+    boxes, from its own stream of the sample key (:data:`AUGMENT_STREAM`), so a sample's flip,
+    jitter, grayscale, blur and solarize draws are the same whatever batch, rank or world size
+    it lands in. 24 bits per draw, exact in float32 (never rounds up to 1).
+    """
+    keys = np.concatenate([sample_keys(seed, epoch, indices, v) for v in (0, 1)])
+    keys = _step(keys, AUGMENT_STREAM)
+    c = np.arange(1, count + 1, dtype=np.uint64)
+    bits = mix64(keys[:, None] + c[None, :] * _GAMMA)
+    return (bits >> _S40).astype(np.float32) * np.float32(2.0**-24)
 
 
 def random_crop_boxes(

@@ -47,7 +47,7 @@ permutation is channels_last without another copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,9 @@ class DALITwoViewLoader(Loader):
         hw_decoder_load: share of the JPEGs sent to the hardware decoder (mixed decode).
         prefetch: batches DALI prepares ahead.
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
+        draws: ``LoaderSpec.draws``, for train batches of the ``index`` reader (whose batches
+            are the sampler's) that carry the augmentation's draws; the ``webdataset`` reader
+            picks its samples itself and carries none.
     """
 
     def __init__(
@@ -117,9 +120,11 @@ class DALITwoViewLoader(Loader):
         hw_decoder_load: float,
         prefetch: int,
         on_corrupt: str = "stop",
+        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
     ):
         super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
+        self.draws = draws
         self.train = train
         self.image_size = image_size
         self.scale = tuple(scale)
@@ -358,7 +363,8 @@ class DALITwoViewLoader(Loader):
                     for _ in range(s.start_batch):  # replay to the resume point (module docstring)
                         pipe.run()
                 remaining = self._samples_on_rank() - s.start_batch * s.batch_size
-                for _ in range(s.start_batch, len(s)):
+                order = s.rank_indices().numpy() if self.draws is not None else None
+                for b in range(s.start_batch, len(s)):
                     try:
                         outputs = pipe.run()
                     except RuntimeError as e:
@@ -368,7 +374,14 @@ class DALITwoViewLoader(Loader):
                     remaining -= n
                     views = self._to_torch(outputs[:-1], n)
                     label = self._labels(outputs[-1])[:n]
-                    yield TwoViewBatch(views, label) if self.train else EvalBatch(views, label)
+                    if not self.train:
+                        yield EvalBatch(views, label)
+                        continue
+                    draws = None
+                    if order is not None:
+                        indices = order[b * s.batch_size:(b + 1) * s.batch_size]
+                        draws = self.draws(s.epoch, indices).to(self.device, non_blocking=True)
+                    yield TwoViewBatch(views, label, draws)
                 else:
                     return
             finally:
@@ -402,6 +415,7 @@ def build(path: str | Path, spec: LoaderSpec, options: DALIOptions) -> DALITwoVi
         hw_decoder_load=hw_decoder_load,
         prefetch=prefetch,
         on_corrupt=spec.on_corrupt,
+        draws=spec.draws if spec.train and spec.view_draws and reader == "index" else None,
     )
 
 

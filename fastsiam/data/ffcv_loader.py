@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import ffcv  # noqa: F401  (a missing library fails here, with the install hint of build_loader)
@@ -116,6 +116,7 @@ class FFCVTwoViewLoader(Loader):
         copy: hand out copies (True), or views of FFCV's recycled buffers (False).
         path: the .beton (named in messages).
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
+        draws: ``LoaderSpec.draws``, for train batches that carry the augmentation's draws.
     """
 
     def __init__(
@@ -129,9 +130,11 @@ class FFCVTwoViewLoader(Loader):
         copy: bool = True,
         path: Path | None = None,
         on_corrupt: str = "stop",
+        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
     ):
         super().__init__(sampler, on_corrupt, path)
         self.copy = copy
+        self.draws = draws
         self.ffcv_loader = ffcv_loader
         self.decoder = decoder
         self.train = not isinstance(decoder, CenterCropDecoder)
@@ -163,7 +166,15 @@ class FFCVTwoViewLoader(Loader):
                     block = _owned(block)
                 # The NHWC block permuted to NCHW: channels_last without a copy.
                 views = block.permute(0, 3, 1, 2)
-                yield TwoViewBatch(views, label) if self.train else EvalBatch(views, label)
+                if not self.train:
+                    yield EvalBatch(views, label)
+                    continue
+                draws = None
+                if self.draws is not None:
+                    b = self.sampler.batch_size
+                    indices = self.ffcv_loader.traversal_order.order[k * b:(k + 1) * b].astype(np.int64)
+                    draws = self.draws(self.sampler.epoch, indices).to(self.device, non_blocking=True)
+                yield TwoViewBatch(views, label, draws)
         finally:
             epoch.close()
 
@@ -270,7 +281,7 @@ def build(path: str | Path, spec: LoaderSpec, options: FFCVOptions) -> FFCVTwoVi
     )
     num_classes, classes = _classes(path, reader, label_field)
     return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, options.copy, path,
-                             spec.on_corrupt)
+                             spec.on_corrupt, spec.draws if spec.train and spec.view_draws else None)
 
 
 __all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -6,13 +6,15 @@ import abc
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
+from fastsiam.data.crops import view_uniforms
 from fastsiam.data.sampler import EpochSampler
 
 ON_CORRUPT = ("stop", "skip")
@@ -41,6 +43,13 @@ class LoaderSpec:
     world_size: int
     drop_last: bool
     on_corrupt: str
+    view_draws: int = 0
+
+    def draws(self, epoch: int, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The augmentation's ``view_draws`` uniforms per view for a train batch of ``indices``
+        (float32 ``[2B, view_draws]``, view-major, on the CPU: see
+        :func:`fastsiam.data.crops.view_uniforms`)."""
+        return torch.from_numpy(view_uniforms(self.seed, epoch, indices, self.view_draws))
 
     @property
     def train(self) -> bool:

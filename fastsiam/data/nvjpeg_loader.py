@@ -30,7 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class NVJPEGLoader(Loader):
         resize: ``batched`` (the batched matrix-product resize, any device) or ``per_image``
             (torchvision's uint8 ``resized_crop`` per image on the decoding threads; CPU only).
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
+        draws: ``LoaderSpec.draws``, for train batches that carry the augmentation's draws.
     """
 
     def __init__(
@@ -91,9 +92,11 @@ class NVJPEGLoader(Loader):
         prefetch: int,
         resize: str,
         on_corrupt: str = "stop",
+        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
     ):
         super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
+        self.draws = draws
         self.train = train
         self.image_size = image_size
         self.scale = tuple(scale)
@@ -228,7 +231,10 @@ class NVJPEGLoader(Loader):
         # [views * n, S, S, 3] view-major, one NHWC block: the batch's views as channels_last
         # NCHW, without a copy.
         nchw = out.permute(0, 3, 1, 2)
-        return TwoViewBatch(nchw, label) if self.train else EvalBatch(nchw, label)
+        if not self.train:
+            return EvalBatch(nchw, label)
+        draws = None if self.draws is None else self.draws(epoch, idx).to(self.device, non_blocking=True)
+        return TwoViewBatch(nchw, label, draws)
 
     def _make_device_batch(
         self,
@@ -365,6 +371,7 @@ def build(path: str | Path, spec: LoaderSpec, options: NVJPEGOptions) -> NVJPEGL
         prefetch=prefetch,
         resize=resize,
         on_corrupt=spec.on_corrupt,
+        draws=spec.draws if spec.train and spec.view_draws else None,
     )
 
 

@@ -27,7 +27,7 @@ traceback). PIL, like DALI, shows an image for JPEG data that libjpeg reports as
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class TwoViewFolder(Dataset):
-    """ImageFolder samples as ``(view1, view2, label, bad_path, reason)`` (train) or ``(view,
-    label, bad_path, reason)`` (val); ``bad_path`` and ``reason`` are ``""``, or name a file
-    that does not decode and why (its views are then of a black image).
+    """ImageFolder samples as ``(view1, view2, label, index, bad_path, reason)`` (train) or
+    ``(view, label, index, bad_path, reason)`` (val); ``bad_path`` and ``reason`` are ``""``, or
+    name a file that does not decode and why (its views are then of a black image).
 
     Items are addressed as ``(index, epoch)`` so that the epoch reaches persistent workers.
     """
@@ -125,10 +125,10 @@ class TwoViewFolder(Dataset):
             bad_path, reason = path, f"does not decode ({type(e).__name__}: {e})"
             img = Image.new("RGB", (BLACK_SIDE, BLACK_SIDE))
         if not self.two_views:
-            return self.view(img), label, bad_path, reason
+            return self.view(img), label, index, bad_path, reason
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.view(img), self.view(img), label, bad_path, reason
+            return self.view(img), self.view(img), label, index, bad_path, reason
 
 
 class _EpochKeys:
@@ -147,22 +147,24 @@ class _EpochKeys:
 
 
 def _collate(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
-    """:class:`TwoViewFolder` samples as ``(views, labels, bad_paths, reasons)``: ``views``
+    """:class:`TwoViewFolder` samples as ``(views, labels, indices, bad_paths, reasons)``: ``views``
     stacks every first view, then every second, into one ``[views * B, 3, H, W]`` tensor (the
     layout of a :class:`~fastsiam.data.TwoViewBatch`, by the one stack a batch needs anyway;
     into shared memory in a worker, as ``default_collate`` does)."""
-    *views, labels, bad_paths, reasons = zip(*samples)
+    *views, labels, indices, bad_paths, reasons = zip(*samples)
     return (default_collate([v for view in views for v in view]), default_collate(labels),
-            list(bad_paths), list(reasons))
+            list(indices), list(bad_paths), list(reasons))
 
 
 class PILLoader(Loader):
-    """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``."""
+    """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``; with
+    ``draws`` (``LoaderSpec.draws``) each train batch carries the augmentation's draws."""
 
     def __init__(self, dataset: TwoViewFolder, sampler: EpochSampler, workers: int, device: torch.device,
-                 on_corrupt: str = "stop"):
+                 on_corrupt: str = "stop", draws: Callable[[int, list[int]], torch.Tensor] | None = None):
         super().__init__(sampler, on_corrupt, dataset.folder.root)
         self.dataset = dataset
+        self.draws = draws
         self.device = device
         self.classes = list(dataset.folder.classes)
         self.num_classes = len(self.classes)
@@ -177,12 +179,17 @@ class PILLoader(Loader):
         )
 
     def _batches(self) -> Iterator[TwoViewBatch | EvalBatch]:
-        batch_type = TwoViewBatch if self.dataset.two_views else EvalBatch
-        for views, label, bad_paths, reasons in self._loader:
+        for views, label, indices, bad_paths, reasons in self._loader:
             for path, reason in zip(bad_paths, reasons):
                 if path:
                     self._corrupt(f"pil loader: {path}", reason)
-            yield batch_type(to_device(views, self.device), to_device(label, self.device))
+            views, label = to_device(views, self.device), to_device(label, self.device)
+            if not self.dataset.two_views:
+                yield EvalBatch(views, label)
+            elif self.draws is None:
+                yield TwoViewBatch(views, label)
+            else:
+                yield TwoViewBatch(views, label, to_device(self.draws(self.sampler.epoch, indices), self.device))
 
 
 def build(path: str | Path, spec: LoaderSpec, options: PILOptions) -> PILLoader:
@@ -203,8 +210,10 @@ def build(path: str | Path, spec: LoaderSpec, options: PILOptions) -> PILLoader:
         view = official_view_transform(spec.image_size, spec.scale, spec.ratio)
     else:
         view = crop_view_transform(spec.image_size, spec.scale, spec.ratio)
+    # The full recipe augments in PIL: the device augmentation has nothing left to draw.
+    draws = spec.draws if spec.train and spec.view_draws and options.augment == "crop" else None
     return PILLoader(TwoViewFolder(folder, view, two_views=spec.train, seed=spec.seed),
-                     spec.sampler(len(folder)), spec.workers, spec.device, spec.on_corrupt)
+                     spec.sampler(len(folder)), spec.workers, spec.device, spec.on_corrupt, draws)
 
 
 __all__ = ["PILLoader", "build", "crop_view_transform", "eval_transform", "official_view_transform"]
