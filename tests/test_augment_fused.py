@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from test_augment import TOL_HUE, all_orders_params, images, reference_view
+from test_augment import RECIPES, TOL_HUE, all_orders_params, images, reference_view
 
 from fastsiam.augment import SimSiamAugment, fused
 from fastsiam.augment import functional as AF
@@ -119,13 +119,7 @@ def host_fused(host_kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(SimSiamAugment, "_use_fused", lambda self, x: True)
 
 
-@pytest.mark.parametrize("config", [
-    {},
-    {"hue": 0.0},
-    {"brightness": 0.0, "saturation": 0.0},
-    {"brightness": 0.8, "contrast": 0.0, "saturation": 0.0, "hue": 0.5},
-    {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
-])
+@pytest.mark.parametrize("config", RECIPES)
 def test_fused_schedule_matches_torchvision_for_every_jitter_order(host_fused: None, config: dict) -> None:
     aug = SimSiamAugment(**config)
     p = all_orders_params(aug, "cpu")
