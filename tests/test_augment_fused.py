@@ -108,6 +108,38 @@ def test_kernel_source_hue_matches_torchvision(host_kernels: ctypes.CDLL) -> Non
     assert (got - want).abs().max() <= TOL_HUE
 
 
+def test_the_cuda_wrapper_feeds_the_kernel_as_jiterator_would(host_kernels: ctypes.CDLL,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA kernel's Python side on the CPU: jiterator replaced by a launcher that
+    broadcasts its inputs as TensorIterator does and runs the host-compiled kernel, so the
+    planes, the channel index and the per-sample parameters must reach it in order."""
+    from torch.cuda import jiterator
+
+    def create(source: str):
+        entry = host_kernels.slot_hue if "fastsiam_color_slot_hue" in source else host_kernels.slot
+
+        def launch(*tensors: torch.Tensor) -> torch.Tensor:
+            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+            arrays = [np.ascontiguousarray(np.broadcast_to(t.float().numpy(), shape), dtype=np.float32)
+                      for t in tensors]
+            out = np.empty(shape, dtype=np.float32)
+            entry(ctypes.c_long(out.size), *[a.ctypes.data_as(ctypes.c_void_p) for a in [*arrays, out]])
+            return torch.from_numpy(out)
+
+        return launch
+
+    monkeypatch.setattr(jiterator, "_create_jit_fn", create)
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    monkeypatch.setattr(fused, "_CHANNELS", {})
+    x = images(12, h=9, w=11, seed=8)
+    alpha, beta, gamma, shift = slot_params(12, seed=6)
+    for hue in (None, shift):
+        got = fused._color_slot_cuda(x, alpha, beta, gamma, hue)
+        want = fused.reference_slot(x, alpha, beta, gamma, hue)
+        assert got.shape == x.shape and got.is_contiguous()
+        assert (got - want).abs().max() <= (TOL_HUE if hue is not None else 1e-6)
+
+
 @pytest.fixture
 def host_fused(host_kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
     """SimSiamAugment on the CPU through the fused schedule, each slot the host-compiled kernel."""

@@ -128,6 +128,7 @@ def color_slot(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Ten
 @color_slot.register_kernel("cuda")
 def _color_slot_cuda(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None = None) -> Tensor:
     _check(x, alpha, beta, gamma, shift)
+    params = [alpha, beta, gamma] if shift is None else [alpha, beta, gamma, shift]
     with_hue = shift is not None
     kernel = _KERNELS.get(with_hue)
     if kernel is None:
@@ -139,7 +140,7 @@ def _color_slot_cuda(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shif
     chan = _CHANNELS.get(key)
     if chan is None:
         chan = _CHANNELS[key] = torch.arange(3, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    per_sample = [p.view(-1, 1, 1, 1) for p in (alpha, beta, gamma) + ((shift,) if with_hue else ())]
+    per_sample = [p.view(-1, 1, 1, 1) for p in params]
     out = kernel(x[:, 0:1], x[:, 1:2], x[:, 2:3], chan, *per_sample)  # type: ignore[operator]
     # Broadcasting these shapes gives a planar result; the next slot's GEMV of the mean luma
     # and the blur rely on it, so any other layout is made planar here rather than there.

@@ -154,6 +154,23 @@ class SimSiamAugment(nn.Module):
             if the check fails. No effect on the CPU or with ``compile``.
     """
 
+    # The recipe, as checked against AugConfig (set in __init__ by name).
+    hflip_p: float
+    color_jitter_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    grayscale_p: float
+    blur_p: float
+    blur_sigma: tuple[float, float]
+    blur_kernel_size: int
+    solarize_p: float
+    solarize_threshold: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fused_color: bool
+
     def __init__(
         self,
         *,
@@ -373,10 +390,10 @@ class SimSiamAugment(nn.Module):
         hits = (slot.unsqueeze(0) == c["slots"][:slots].view(-1, 1, 1)) & params.jitter.view(1, -1, 1)
         factors = params.factors.index_select(1, c["generic"]).to(x.dtype)
         factor = torch.where(hits.any(dim=2), (hits * factors).sum(dim=2), 1.0)          # [S, N]
-        kind = {op: (hits[..., self._generic.index(op)] if op in self._generic else None)
-                for op in (CONTRAST, SATURATION)}
-        toward_luma = None if kind[SATURATION] is None else (1.0 - factor) * kind[SATURATION]  # [S, N]
-        mean_weight = None if kind[CONTRAST] is None else (1.0 - factor) * kind[CONTRAST]  # [S, N]
+        sat, con = (hits[..., self._generic.index(op)] if op in self._generic else None
+                    for op in (SATURATION, CONTRAST))
+        toward_luma = None if sat is None else (1.0 - factor) * sat  # [S, N]
+        mean_weight = None if con is None else (1.0 - factor) * con  # [S, N]
         shift = torch.where(params.jitter, params.factors[:, HUE], 0.0).to(x.dtype) if self._hue_on else None
         if self._use_fused(x):
             return self._fused_jitter(x, factor, toward_luma, mean_weight, shift, m)
