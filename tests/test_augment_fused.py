@@ -97,6 +97,18 @@ def test_kernel_source_on_the_host_equals_the_plain_ops(host_kernels: ctypes.CDL
         assert torch.equal(got[identity], x[identity])
 
 
+def test_jiterator_reads_each_kernels_entry_point() -> None:
+    """jiterator's own parser (pure Python, no GPU) finds the entry functions the launches
+    name, with one T parameter per tensor the wrapper passes (7 without the hue, 8 with)."""
+    from torch.cuda.jiterator import _CodeParser
+
+    for source, name, arity in ((fused.SLOT_SOURCE, "fastsiam_color_slot", 7),
+                                (fused.SLOT_HUE_SOURCE, "fastsiam_color_slot_hue", 8)):
+        parsed = _CodeParser(source)
+        assert (parsed.function_name, parsed.return_type, parsed.template_params) == (name, "T", "<typename T>")
+        assert parsed.function_params.count("T ") == arity
+
+
 def test_kernel_source_hue_matches_torchvision(host_kernels: ctypes.CDLL) -> None:
     from torchvision.transforms.v2 import functional as TF
 
