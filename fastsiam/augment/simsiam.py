@@ -99,7 +99,7 @@ class AugParams(NamedTuple):
 
 
 # The uniforms one sample draws, column by column: (AugParams field, columns). One table, so an
-# op's draw is declared once (its row here, its field in AugParams, its mapping in sample_params)
+# op's draw is declared once (its row here, its field in AugParams, its mapping in params_from)
 # and the columns never need counting by hand.
 DRAWS: tuple[tuple[str, int], ...] = (
     ("flip", 1), ("jitter", 1), ("factors", 4), ("order", 4), ("gray", 1), ("blur", 1),
