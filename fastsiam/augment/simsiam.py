@@ -46,11 +46,14 @@ Design choices:
   reads, the blur and the final GEMM. ``compile=True`` hands the ops (not the random draws)
   to ``torch.compile`` instead, which fuses the elementwise chains; benchmarks/augment.py
   measures all three.
-- CUDA graphs. Random numbers come from ``torch.rand`` on the device (the given generator, or
-  the device's default one, which a captured graph advances on every replay); no value is
-  read on the host and every shape is static. The first call on a device builds small
-  constant tensors there (mean, std, factor ranges): make it before capture, as the warm-up
-  that capture needs anyway. A non-default CUDA generator must be registered with the graph
+- Random numbers. A batch whose loader carried them (``TwoViewBatch.draws``: per seed, epoch,
+  sample and view, so a sample is augmented the same on any rank or world size) is augmented
+  with those; otherwise they come from ``torch.rand`` on the device (the given generator, or
+  the device's default one, which a captured graph advances on every replay).
+- CUDA graphs. No value is read on the host and every shape is static. The first call on a
+  device builds small constant tensors there (mean, std, factor ranges) and checks the fused
+  kernels once: make it before capture, as the warm-up that capture needs anyway. A
+  non-default CUDA generator must be registered with the graph
   (``CUDAGraph.register_generator_state``).
 """
 
