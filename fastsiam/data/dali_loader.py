@@ -61,7 +61,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import derive_seed, eval_crop_fraction, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import JPEGHeaderError, black_jpeg, decoder_message, jpeg_problem, jpeg_size
-from fastsiam.data.loader import CorruptDataError, Loader, LoaderSpec
+from fastsiam.data.loader import BatchDraws, CorruptDataError, Loader, LoaderSpec
 from fastsiam.data.options import DALIOptions
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
@@ -98,7 +98,7 @@ class DALITwoViewLoader(Loader):
         hw_decoder_load: share of the JPEGs sent to the hardware decoder (mixed decode).
         prefetch: batches DALI prepares ahead.
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
-        draws: ``LoaderSpec.draws``, for train batches of the ``index`` reader (whose batches
+        draws: ``LoaderSpec.batch_draws``, for train batches of the ``index`` reader (whose batches
             are the sampler's) that carry the augmentation's draws; the ``webdataset`` reader
             picks its samples itself and carries none.
     """
@@ -120,7 +120,7 @@ class DALITwoViewLoader(Loader):
         hw_decoder_load: float,
         prefetch: int,
         on_corrupt: str = "stop",
-        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
+        draws: BatchDraws | None = None,
     ):
         super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
@@ -380,7 +380,7 @@ class DALITwoViewLoader(Loader):
                     draws = None
                     if order is not None:
                         indices = order[b * s.batch_size:(b + 1) * s.batch_size]
-                        draws = self.draws(s.epoch, indices).to(self.device, non_blocking=True)
+                        draws = self.draws(s.epoch, indices)
                     yield TwoViewBatch(views, label, draws)
                 else:
                     return
@@ -415,7 +415,7 @@ def build(path: str | Path, spec: LoaderSpec, options: DALIOptions) -> DALITwoVi
         hw_decoder_load=hw_decoder_load,
         prefetch=prefetch,
         on_corrupt=spec.on_corrupt,
-        draws=spec.draws if spec.train and spec.view_draws and reader == "index" else None,
+        draws=spec.batch_draws if reader == "index" else None,
     )
 
 

@@ -56,7 +56,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.beton import check_scratch, classes_path, open_beton
 from fastsiam.data.ffcv_decoder import CenterCropDecoder, TwoCropDecoder, two_views
-from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import FFCVOptions
 from fastsiam.data.sampler import EpochSampler
 
@@ -116,7 +116,7 @@ class FFCVTwoViewLoader(Loader):
         copy: hand out copies (True), or views of FFCV's recycled buffers (False).
         path: the .beton (named in messages).
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
-        draws: ``LoaderSpec.draws``, for train batches that carry the augmentation's draws.
+        draws: ``LoaderSpec.batch_draws``, for train batches that carry the augmentation's draws.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class FFCVTwoViewLoader(Loader):
         copy: bool = True,
         path: Path | None = None,
         on_corrupt: str = "stop",
-        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
+        draws: BatchDraws | None = None,
     ):
         super().__init__(sampler, on_corrupt, path)
         self.copy = copy
@@ -173,7 +173,7 @@ class FFCVTwoViewLoader(Loader):
                 if self.draws is not None:
                     b = self.sampler.batch_size
                     indices = self.ffcv_loader.traversal_order.order[k * b:(k + 1) * b].astype(np.int64)
-                    draws = self.draws(self.sampler.epoch, indices).to(self.device, non_blocking=True)
+                    draws = self.draws(self.sampler.epoch, indices)
                 yield TwoViewBatch(views, label, draws)
         finally:
             epoch.close()
@@ -281,7 +281,7 @@ def build(path: str | Path, spec: LoaderSpec, options: FFCVOptions) -> FFCVTwoVi
     )
     num_classes, classes = _classes(path, reader, label_field)
     return FFCVTwoViewLoader(loader, sampler, decoder, device, num_classes, classes, options.copy, path,
-                             spec.on_corrupt, spec.draws if spec.train and spec.view_draws else None)
+                             spec.on_corrupt, spec.batch_draws)
 
 
 __all__ = ["FFCVTwoViewLoader", "SamplerOrder", "TwoCropDecoder", "build"]

@@ -6,7 +6,7 @@ import abc
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,8 @@ from fastsiam.data.crops import view_uniforms
 from fastsiam.data.sampler import EpochSampler
 
 ON_CORRUPT = ("stop", "skip")
+BatchDraws = Callable[[int, "Sequence[int] | np.ndarray"], torch.Tensor]
+"""``LoaderSpec.draws``: (epoch, the batch's sample indices) -> its ``TwoViewBatch.draws``."""
 log = logging.getLogger("fastsiam")
 
 
@@ -28,7 +30,7 @@ class CorruptDataError(ValueError):
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """What every backend's ``build(path, spec, **options)`` is asked for: the arguments
+    """What every backend's ``build(path, spec, options)`` is asked for: the arguments
     :func:`fastsiam.data.build_loader` shares among backends (see its docstring for each)."""
 
     batch_size: int
@@ -45,11 +47,19 @@ class LoaderSpec:
     on_corrupt: str
     view_draws: int = 0
 
+    @property
+    def batch_draws(self) -> BatchDraws | None:
+        """What a backend calls per train batch for its ``TwoViewBatch.draws``: :meth:`draws`
+        when the batches carry the augmentation's draws (a train split and ``view_draws`` >
+        0), else ``None`` (the batch leaves them empty and the augmentation draws its own)."""
+        return self.draws if self.train and self.view_draws else None
+
     def draws(self, epoch: int, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """The augmentation's ``view_draws`` uniforms per view for a train batch of ``indices``
-        (float32 ``[2B, view_draws]``, view-major, on the CPU: see
+        (float32 ``[2B, view_draws]``, view-major, on ``device``: see
         :func:`fastsiam.data.crops.view_uniforms`)."""
-        return torch.from_numpy(view_uniforms(self.seed, epoch, indices, self.view_draws))
+        u = torch.from_numpy(view_uniforms(self.seed, epoch, indices, self.view_draws))
+        return u.to(self.device, non_blocking=True)
 
     @property
     def train(self) -> bool:

@@ -43,7 +43,7 @@ from torchvision.transforms.v2.functional import resized_crop
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.crops import center_crop_boxes, random_crop_boxes, sample_keys
 from fastsiam.data.jpeg import BLACK_SIDE, decoder_message, jpeg_problem
-from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import NVJPEGOptions
 from fastsiam.data.resample import crop_resize
 from fastsiam.data.sampler import EpochSampler
@@ -74,7 +74,7 @@ class NVJPEGLoader(Loader):
         resize: ``batched`` (the batched matrix-product resize, any device) or ``per_image``
             (torchvision's uint8 ``resized_crop`` per image on the decoding threads; CPU only).
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
-        draws: ``LoaderSpec.draws``, for train batches that carry the augmentation's draws.
+        draws: ``LoaderSpec.batch_draws``, for train batches that carry the augmentation's draws.
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class NVJPEGLoader(Loader):
         prefetch: int,
         resize: str,
         on_corrupt: str = "stop",
-        draws: Callable[[int, np.ndarray], torch.Tensor] | None = None,
+        draws: BatchDraws | None = None,
     ):
         super().__init__(sampler, on_corrupt, shards.root)
         self.shards = shards
@@ -233,7 +233,7 @@ class NVJPEGLoader(Loader):
         nchw = out.permute(0, 3, 1, 2)
         if not self.train:
             return EvalBatch(nchw, label)
-        draws = None if self.draws is None else self.draws(epoch, idx).to(self.device, non_blocking=True)
+        draws = None if self.draws is None else self.draws(epoch, idx)
         return TwoViewBatch(nchw, label, draws)
 
     def _make_device_batch(
@@ -371,7 +371,7 @@ def build(path: str | Path, spec: LoaderSpec, options: NVJPEGOptions) -> NVJPEGL
         prefetch=prefetch,
         resize=resize,
         on_corrupt=spec.on_corrupt,
-        draws=spec.draws if spec.train and spec.view_draws else None,
+        draws=spec.batch_draws,
     )
 
 

@@ -38,7 +38,7 @@ from torchvision import datasets, transforms
 
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
 from fastsiam.data.jpeg import BLACK_SIDE
-from fastsiam.data.loader import Loader, LoaderSpec
+from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import PILOptions
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
@@ -158,10 +158,10 @@ def _collate(samples: list[tuple[Any, ...]]) -> tuple[Any, ...]:
 
 class PILLoader(Loader):
     """A torch DataLoader over :class:`TwoViewFolder`, delivering batches to ``device``; with
-    ``draws`` (``LoaderSpec.draws``) each train batch carries the augmentation's draws."""
+    ``draws`` (``LoaderSpec.batch_draws``) each train batch carries the augmentation's draws."""
 
     def __init__(self, dataset: TwoViewFolder, sampler: EpochSampler, workers: int, device: torch.device,
-                 on_corrupt: str = "stop", draws: Callable[[int, list[int]], torch.Tensor] | None = None):
+                 on_corrupt: str = "stop", draws: BatchDraws | None = None):
         super().__init__(sampler, on_corrupt, dataset.folder.root)
         self.dataset = dataset
         self.draws = draws
@@ -186,10 +186,9 @@ class PILLoader(Loader):
             views, label = to_device(views, self.device), to_device(label, self.device)
             if not self.dataset.two_views:
                 yield EvalBatch(views, label)
-            elif self.draws is None:
-                yield TwoViewBatch(views, label)
             else:
-                yield TwoViewBatch(views, label, to_device(self.draws(self.sampler.epoch, indices), self.device))
+                draws = None if self.draws is None else self.draws(self.sampler.epoch, indices)
+                yield TwoViewBatch(views, label, draws)
 
 
 def build(path: str | Path, spec: LoaderSpec, options: PILOptions) -> PILLoader:
@@ -211,7 +210,7 @@ def build(path: str | Path, spec: LoaderSpec, options: PILOptions) -> PILLoader:
     else:
         view = crop_view_transform(spec.image_size, spec.scale, spec.ratio)
     # The full recipe augments in PIL: the device augmentation has nothing left to draw.
-    draws = spec.draws if spec.train and spec.view_draws and options.augment == "crop" else None
+    draws = spec.batch_draws if options.augment == "crop" else None
     return PILLoader(TwoViewFolder(folder, view, two_views=spec.train, seed=spec.seed),
                      spec.sampler(len(folder)), spec.workers, spec.device, spec.on_corrupt, draws)
 
