@@ -8,8 +8,9 @@ a :class:`ConfigError` with one line naming the file, the dotted key and what wa
 Field metadata carries validation: ``choices`` (allowed strings), ``min``/``max`` (inclusive
 bounds), ``gt`` (an exclusive lower bound), ``ordered`` (a ``[min, max]`` pair with min <= max)
 and ``help`` (shown by ``fastsiam train --help-config``). Integers are 64-bit (torch's seeds
-and sizes are C integers). ``data.options`` must be keyword arguments of the backend's
-``build`` (read from its source, so a backend whose library is not installed is checked too).
+and sizes are C integers). ``data.options`` are checked the same way against the options
+dataclass the backend registered (:mod:`fastsiam.data.options`, which imports no backend
+library, so the options of a backend whose library is not installed are checked too).
 
 Config files are small UTF-8 YAML without aliases (``*name``): an alias shares one node, and
 anything that expands the config (``Config.to_dict``, ``--print-config``, a checkpoint's
@@ -379,21 +380,33 @@ class _Origin:
 def _build(cls: type, raw: Any, origin: _Origin, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin.of(prefix.rstrip('.'))}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
+    return cls(**_checked(cls, raw, origin, prefix))
+
+
+def _checked(cls: type, raw: typing.Mapping[str, Any], origin: _Origin, prefix: str, *,
+             noun: str = "key", owner: str = "") -> dict[str, Any]:
+    """The keys of ``raw`` checked against the fields of the dataclass ``cls`` (their dotted
+    names start with ``prefix``): an unknown key is refused with the closest field's name,
+    a nested section is built, every other value is checked by :func:`_check`. ``noun`` and
+    ``owner`` word the unknown-key error (``unknown option 'data.options.x' for the ffcv
+    backend``)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    out = {}
     for key, value in raw.items():
         dotted = prefix + str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{origin.of(dotted)}: unknown key '{dotted}'{hint}")
-        f = fields[key]
-        hint_t = typing.get_type_hints(cls)[key]
-        if dataclasses.is_dataclass(hint_t):
-            kwargs[key] = _build(hint_t, value if value is not None else {}, origin, dotted + ".")
+            if close:
+                hint = f"did you mean '{prefix}{close[0]}'?"
+            else:
+                hint = f"valid {noun}s: {', '.join(fields)}" if fields else f"it takes no {noun}s"
+            raise ConfigError(f"{origin.of(dotted)}: unknown {noun} '{dotted}'{owner}; {hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            out[key] = _build(hints[key], value if value is not None else {}, origin, dotted + ".")
         else:
-            kwargs[key] = _check(value, hint_t, f.metadata, dotted, origin)
-    return cls(**kwargs)
+            out[key] = _check(value, hints[key], fields[key].metadata, dotted, origin)
+    return out
 
 
 def _check(value: Any, hint: Any, meta: typing.Mapping[str, Any], key: str, src: _Origin) -> Any:
@@ -459,11 +472,7 @@ def check_fields(cls: type, values: typing.Mapping[str, Any], section: str, sour
     against that section's types and bounds, as a config file's would be: the one statement of
     each bound, for code that takes the same settings as keyword arguments. Returns the values
     as the config would hold them (ints given for floats become floats, tuples lists)."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    origin = _Origin(source, frozenset())
-    return {name: _check(value, hints[name], fields[name].metadata, f"{section}.{name}", origin)
-            for name, value in values.items()}
+    return _checked(cls, values, _Origin(source, frozenset()), f"{section}.")
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -486,20 +495,7 @@ def _check_backend_options(data: DataConfig, origin: _Origin) -> None:
 
 
 def _checked_options(cls: type, raw: typing.Mapping[str, Any], backend: str, origin: _Origin) -> dict[str, Any]:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, value in raw.items():
-        dotted = f"data.options.{name}"
-        if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1)
-            if close:
-                hint = f"did you mean '{close[0]}'?"
-            else:
-                hint = f"accepted options: {', '.join(fields)}" if fields else "it takes no options"
-            raise ConfigError(f"{origin.of(dotted)}: unknown option '{dotted}' for the {backend} backend; {hint}")
-        out[name] = _check(value, hints[name], fields[name].metadata, dotted, origin)
-    return out
+    return _checked(cls, raw, origin, "data.options.", noun="option", owner=f" for the {backend} backend")
 
 
 def backend_options(cls: type, raw: typing.Mapping[str, Any], backend: str, source: str) -> Any:
@@ -517,9 +513,7 @@ def describe() -> str:
             continue
         lines.append(f"{sec.name}:")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            h = f.metadata.get("help", "")
-            lines.append(f"  {f.name}: {default!r}" + (f"    # {h}" if h else ""))
+            lines.append(_describe_field(f, "  "))
             if cls is DataConfig and f.name == "options":
                 lines.extend(_describe_backend_options())
     return "\n".join(lines)
@@ -533,7 +527,12 @@ def _describe_backend_options() -> list[str]:
     for backend in loaders.available_backends():
         fields = dataclasses.fields(loaders._BACKENDS[backend].options)
         lines.append(f"    {backend}:" + ("" if fields else " no options"))
-        for f in fields:
-            h = f.metadata.get("help", "")
-            lines.append(f"      {f.name}: {f.default!r}" + (f"    # {h}" if h else ""))
+        lines.extend(_describe_field(f, "      ") for f in fields)
     return lines
+
+
+def _describe_field(f: dataclasses.Field[Any], indent: str) -> str:
+    """``name: default    # help`` for one setting."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    h = f.metadata.get("help", "")
+    return f"{indent}{f.name}: {default!r}" + (f"    # {h}" if h else "")

@@ -126,13 +126,13 @@ def test_an_unknown_backend_option_names_the_accepted_ones(backend: str, accepte
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"data.backend={backend}", "data.options.bogus=1"])
     assert str(e.value) == (f"command line: unknown option 'data.options.bogus' for the {backend} backend; "
-                            f"accepted options: {accepted}")
+                            f"valid options: {accepted}")
 
 
 def test_backend_options_in_a_file_are_checked_with_a_hint(tmp_path: Path) -> None:
     f = write(tmp_path / "c.yaml", "data:\n  backend: synthetic\n  options: {num_sample: 8}\n")
     with pytest.raises(ConfigError, match=rf"^{f}: unknown option 'data.options.num_sample' for the synthetic "
-                                          r"backend; did you mean 'num_samples'\?$"):
+                                          r"backend; did you mean 'data.options.num_samples'\?$"):
         load_config(f)
     # known options pass, and a backend fastsiam does not know is left to build_loader
     assert load_config(f, ["data.options={num_samples: 8}"]).data.options == {"num_samples": 8}
