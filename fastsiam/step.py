@@ -174,7 +174,8 @@ class Step:
         self.autocast_cache = True
         _set_memory_format(model, channels_last)
         self.scaler: LossScaler | None = None
-        info = optimizer_info(optimizer)
+        # what the optimizer can do: the masked update below, capture in GraphStep
+        self.optimizer_info = info = optimizer_info(optimizer)
         if skip_nonfinite and not info.takes_found_inf:
             raise ValueError("train.on_nonfinite=skip needs fastsiam's SGD or LARS (optim.impl auto, "
                              f"foreach or fused) for its masked update; got {type(optimizer).__name__}")
@@ -257,9 +258,11 @@ class Step:
 class GraphStep(Step):
     """The step captured once as a CUDA graph (on the first batch) and replayed per batch.
 
-    The graph reads its input from one static ``[2B, 3, H, W]`` buffer (both views, as a
-    :class:`~fastsiam.data.TwoViewBatch` holds them); a replay copies the batch into it once.
-    A batch of another shape or dtype runs eagerly.
+    The graph reads its input from static buffers shaped as the first batch: the
+    ``[2B, 3, H, W]`` views (both views, as a :class:`~fastsiam.data.TwoViewBatch` holds
+    them) and the augmentation's carried draws (``[2B, k]``, ``k`` = 0 when the
+    loader carries none and the augmentation draws on the device); a replay copies the batch
+    into them once. A batch of another shape or dtype runs eagerly.
 
     Same arguments as :class:`Step`, plus ``warmup_iters`` (default 3, or 11 for DDP).
     Needs fastsiam's ``SGD``/``LARS`` (torch.optim.SGD's foreach path reads a tensor lr on
@@ -275,7 +278,7 @@ class GraphStep(Step):
                          channels_last=channels_last, skip_nonfinite=skip_nonfinite)
         if self.device.type != "cuda":
             raise ValueError(f"GraphStep needs a CUDA device, got {self.device}")
-        if not optimizer_info(optimizer).graph_safe:
+        if not self.optimizer_info.graph_safe:
             raise ValueError("mode=graph needs fastsiam's SGD or LARS (optim.impl auto, foreach or "
                              f"fused), got {type(optimizer).__name__}")
         # Autocast's weight-cast cache must not outlive the capture (PyTorch's graph notes).
@@ -301,7 +304,7 @@ class GraphStep(Step):
                 self._warned_shape = True
             return super().__call__(batch)
         self._static.views.copy_(batch.views, non_blocking=True)
-        if batch.draws.numel():
+        if batch.draws.numel():  # no draws carried: the graph draws its own
             self._static.draws.copy_(batch.draws, non_blocking=True)
         self.graph.replay()
         # The static outputs are overwritten by the next replay; callers keep these.

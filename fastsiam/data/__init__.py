@@ -130,7 +130,8 @@ def build_loader(
         view_draws: random numbers per view that train batches carry for the device
             augmentation (``TwoViewBatch.draws``; ``SimSiamAugment.DRAWS``' columns), each a
             function of (seed, epoch, sample, view); 0: none. DALI's ``webdataset`` reader
-            (which picks its samples itself) and synthetic (made-up data) carry none.
+            (which picks its samples itself), synthetic (made-up data) and pil's ``full``
+            mode (augmented in PIL already) carry none.
         backend_options: the backend's own options (its ``data.options``: the fields of its
             options class in :mod:`fastsiam.data.options`), checked as the config checks them.
     """

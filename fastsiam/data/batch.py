@@ -39,8 +39,9 @@ class TwoViewBatch(_TwoViewFields):
     ``draws`` (view-major, as ``views``) come from :func:`fastsiam.data.crops.view_uniforms`: a
     function of (seed, epoch, sample, view) alone, so a sample is augmented the same whatever
     batch, rank or world size it lands in. DALI's ``webdataset`` reader (it picks its samples
-    itself) and the synthetic backend (made-up data) leave it empty (``[2B, 0]``, the default),
-    and the augmentation then draws on the device.
+    itself), the synthetic backend (made-up data) and pil's ``full`` mode (augmented in PIL
+    already) leave it empty (``[2B, 0]``, the default), and the augmentation then draws on the
+    device.
     """
 
     __slots__ = ()

@@ -28,7 +28,7 @@ class OptimizerInfo:
         name: ``optim.name`` and ``optim.impl`` it is built for, e.g. ``sgd/fused``.
         takes_found_inf: ``step(found_inf=t)`` skips the update when ``t`` is 1, on the device
             (needed by fp16's loss scaler and ``train.on_nonfinite=skip``).
-        graph_safe: its step can be captured in a CUDA graph (``train.step_mode=graph``).
+        graph_safe: its step can be captured in a CUDA graph (``train.step=graph``).
     """
 
     name: str
