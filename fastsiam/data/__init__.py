@@ -28,7 +28,12 @@ from fastsiam.config import backend_options as backend_options_of
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
 from fastsiam.data.loader import ON_CORRUPT, CorruptDataError, Loader, LoaderSpec
 from fastsiam.data.options import (
-    DALIOptions, FFCVOptions, NoOptions, NVJPEGOptions, PILOptions, SyntheticOptions,
+    DALIOptions,
+    FFCVOptions,
+    NoOptions,
+    NVJPEGOptions,
+    PILOptions,
+    SyntheticOptions,
 )
 from fastsiam.data.sampler import EpochSampler
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import ffcv  # noqa: F401  (a missing library fails here, with the install hint of build_loader)
@@ -59,7 +59,6 @@ from fastsiam.data.ffcv_decoder import CenterCropDecoder, TwoCropDecoder, two_vi
 from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import FFCVOptions
 from fastsiam.data.sampler import EpochSampler
-
 
 
 class SamplerOrder(TraversalOrder):

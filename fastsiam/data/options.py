@@ -15,15 +15,7 @@ from dataclasses import dataclass
 
 from fastsiam.config import setting
 
-__all__ = [
-    "DALIOptions", "DECODES", "FFCVOptions", "NVJPEGOptions", "NoOptions", "ORDERS", "PILOptions",
-    "READERS", "RESIZES", "SyntheticOptions",
-]
-
-ORDERS = ("random", "quasi_random")
-READERS = ("index", "webdataset")
-DECODES = ("once", "twice")
-RESIZES = ("batched", "per_image")
+__all__ = ["DALIOptions", "FFCVOptions", "NVJPEGOptions", "NoOptions", "PILOptions", "SyntheticOptions"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +32,7 @@ class PILOptions:
 
 @dataclass(frozen=True)
 class FFCVOptions:
-    order: str = setting("random", choices=list(ORDERS), help="random: the sampler's permutation; "
+    order: str = setting("random", choices=["random", "quasi_random"], help="random: the sampler's permutation; "
                          "quasi_random: FFCV's page-local shuffle (one process only)")
     os_cache: bool = setting(True, help="let the OS page cache hold the file (FFCV's default; good when it "
                              "fits in RAM or several processes read it); false reads pages into the process")
@@ -55,9 +47,9 @@ class FFCVOptions:
 
 @dataclass(frozen=True)
 class DALIOptions:
-    reader: str = setting("index", choices=list(READERS), help="index: fastsiam's sampler over the shards' "
+    reader: str = setting("index", choices=["index", "webdataset"], help="index: fastsiam's sampler over the shards' "
                           "index files; webdataset: DALI's own tar reader with a shuffling buffer")
-    decode: str = setting("once", choices=list(DECODES), help="once: decode, then two ROI resizes; "
+    decode: str = setting("once", choices=["once", "twice"], help="once: decode, then two ROI resizes; "
                           "twice: two ROI decodes")
     initial_fill: int = setting(1024, min=1, help="the webdataset reader's shuffling buffer, in samples")
     hw_decoder_load: float = setting(0.65, min=0.0, max=1.0, help="share of JPEGs for the hardware "
@@ -69,12 +61,14 @@ class DALIOptions:
 class NVJPEGOptions:
     readers: int = setting(4, min=1, help="threads reading a batch's bytes (more for network file systems)")
     prefetch: int = setting(2, min=1, help="finished batches held ahead of the consumer")
-    resize: str | None = setting(None, choices=list(RESIZES), help="batched or per_image; null: batched "
+    resize: str | None = setting(None, choices=["batched", "per_image"], help="batched or per_image; null: batched "
                                  "on a GPU, per_image on the CPU (where dense matrix products cost more "
                                  "than torch's vectorized uint8 resize)")
 
 
 @dataclass(frozen=True)
 class SyntheticOptions:
+    # An epoch of a few hundred steps: made-up data has no size of its own, and a step benchmark
+    # wants epochs (schedules, sampler restarts) to come round, not ImageNet's 1.28 M samples.
     num_samples: int = setting(10_240, min=1, help="the epoch's length")
     num_classes: int = setting(1000, min=1, help="the label range")

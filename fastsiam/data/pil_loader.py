@@ -27,7 +27,7 @@ traceback). PIL, like DALI, shows an image for JPEG data that libjpeg reports as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,13 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
+from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.data.batch import EvalBatch, TwoViewBatch, to_device
 from fastsiam.data.jpeg import BLACK_SIDE
 from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import PILOptions
 from fastsiam.data.sampler import EpochSampler
-from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD
 from fastsiam.imageio import to_rgb
-
 
 
 class RandomGaussianBlurPIL:

@@ -46,7 +46,6 @@ from typing import Any
 
 import numpy as np
 
-
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "fastsiam-webdataset"

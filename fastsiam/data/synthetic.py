@@ -10,7 +10,7 @@ sees exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,9 +20,6 @@ from fastsiam.data.crops import derive_seed
 from fastsiam.data.loader import Loader, LoaderSpec
 from fastsiam.data.options import SyntheticOptions
 from fastsiam.data.sampler import EpochSampler
-
-# An epoch of a few hundred steps: made-up data has no size of its own, and a step benchmark
-# wants epochs (schedules, sampler restarts) to come round, not ImageNet's 1.28 M samples.
 
 
 class SyntheticLoader(Loader):
