@@ -69,6 +69,7 @@ from benchmarks._harness import (  # noqa: E402
     reset_peak_memory,
     summarize,
 )
+from fastsiam.augment import DRAW_COLUMNS  # noqa: E402
 from fastsiam.config import AugConfig, Config, load_config  # noqa: E402
 from fastsiam.data import TwoViewBatch, build_loader_from_config  # noqa: E402
 from fastsiam.run_log import read_metrics  # noqa: E402
@@ -189,8 +190,9 @@ class Run:
         a = self.args
         self._settle()
         cfg = self.config(backend, "fast")
+        # as the trainer builds it: the batches carry the augmentation's draws
         loader = build_loader_from_config(cfg.data, split="train", device=self.device,
-                                          seed=cfg.train.seed)
+                                          seed=cfg.train.seed, view_draws=DRAW_COLUMNS)
         need = a.iters * (a.warmup_windows + a.repeats)
         if len(loader) < need:
             raise Skip(f"an epoch has {len(loader)} batches, the measurement needs {need}")

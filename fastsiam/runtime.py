@@ -4,6 +4,7 @@ the source commit a run or a benchmark records."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def default_work_dir(cfg: Config) -> Path:
     return Path(cfg.output.work_dir or Path("work_dirs") / cfg.name)
 
 
+@functools.cache
 def git_commit() -> str | None:
     """The checkout's commit (12 hex digits, ``-dirty`` with uncommitted changes to tracked
-    files), or None outside a git checkout (an installed package)."""
+    files), or None outside a git checkout (an installed package). Asked once per process (two
+    git subprocesses; every checkpoint records it): the code a run imported is that of its start."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
