@@ -81,9 +81,7 @@ def derive_seed(*values: int) -> int:
 def uniforms(keys: np.ndarray, count: int) -> np.ndarray:
     """``[len(keys), count]`` floats in [0, 1): draw ``c`` of key ``k`` is
     mix64(k + (c + 1) * gamma), splitmix64's stream seeded at ``k``."""
-    c = np.arange(1, count + 1, dtype=np.uint64)
-    bits = mix64(keys.astype(np.uint64)[:, None] + c[None, :] * _GAMMA)
-    return (bits >> _S11).astype(np.float64) * _TO_UNIT
+    return (_stream_bits(keys, count) >> _S11).astype(np.float64) * _TO_UNIT
 
 
 def view_uniforms(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
@@ -96,10 +94,14 @@ def view_uniforms(seed: int, epoch: int, indices: Sequence[int] | np.ndarray, co
     it lands in. 24 bits per draw, exact in float32 (never rounds up to 1).
     """
     keys = np.concatenate([sample_keys(seed, epoch, indices, v) for v in (0, 1)])
-    keys = _step(keys, AUGMENT_STREAM)
-    c = np.arange(1, count + 1, dtype=np.uint64)
-    bits = mix64(keys[:, None] + c[None, :] * _GAMMA)
+    bits = _stream_bits(_step(keys, AUGMENT_STREAM), count)
     return (bits >> _S40).astype(np.float32) * np.float32(2.0**-24)
+
+
+def _stream_bits(keys: np.ndarray, count: int) -> np.ndarray:
+    """uint64 ``[len(keys), count]``: word ``c`` of key ``k`` is mix64(k + (c + 1) * gamma)."""
+    c = np.arange(1, count + 1, dtype=np.uint64)
+    return mix64(keys.astype(np.uint64)[:, None] + c[None, :] * _GAMMA)
 
 
 def random_crop_boxes(

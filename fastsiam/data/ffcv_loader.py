@@ -141,11 +141,14 @@ class FFCVTwoViewLoader(Loader):
         self.num_classes = num_classes
         self.classes = classes
 
-    def _check_decoded(self, batch: int) -> None:
-        """Apply ``on_corrupt`` to the JPEGs of batch ``batch`` (of this pass) that the decoder
-        flagged: a read of the batch's flags (host memory; FFCV decodes on the CPU)."""
+    def _batch_indices(self, batch: int) -> np.ndarray:
+        """The sample indices of batch ``batch`` of this pass (the order FFCV walks)."""
         b = self.sampler.batch_size
-        indices = self.ffcv_loader.traversal_order.order[batch * b : (batch + 1) * b]
+        return self.ffcv_loader.traversal_order.order[batch * b : (batch + 1) * b].astype(np.int64)
+
+    def _check_decoded(self, indices: np.ndarray) -> None:
+        """Apply ``on_corrupt`` to the JPEGs of a batch's ``indices`` that the decoder flagged:
+        a read of the batch's flags (host memory; FFCV decodes on the CPU)."""
         for i in indices[self.decoder.failed[indices] != 0].tolist():
             self.decoder.failed[i] = 0  # met again in a later epoch: reported again
             self._corrupt(f"ffcv loader: {self.source} sample {i}",
@@ -157,7 +160,8 @@ class FFCVTwoViewLoader(Loader):
             epoch = iter(self.ffcv_loader)
         try:
             for k, (images, labels) in enumerate(_guarded(epoch)):
-                self._check_decoded(k)
+                indices = self._batch_indices(k)
+                self._check_decoded(indices)
                 label = labels.reshape(-1)
                 block = two_views(images) if self.train else images
                 if self.copy:
@@ -168,11 +172,7 @@ class FFCVTwoViewLoader(Loader):
                 if not self.train:
                     yield EvalBatch(views, label)
                     continue
-                draws = None
-                if self.draws is not None:
-                    b = self.sampler.batch_size
-                    indices = self.ffcv_loader.traversal_order.order[k * b:(k + 1) * b].astype(np.int64)
-                    draws = self.draws(self.sampler.epoch, indices)
+                draws = None if self.draws is None else self.draws(self.sampler.epoch, indices)
                 yield TwoViewBatch(views, label, draws)
         finally:
             epoch.close()
