@@ -192,4 +192,4 @@ def test_register_backend_needs_an_options_dataclass() -> None:
     from fastsiam.data import register_backend
 
     with pytest.raises(TypeError, match=r"register_backend\('mine'\): options must be a dataclass type, got \{\}"):
-        register_backend("mine", "my.module", {})  # type: ignore[arg-type]
+        register_backend("mine", "my.module", options={})  # type: ignore[arg-type]

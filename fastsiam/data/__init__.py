@@ -56,7 +56,7 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(
-    name: str, module: str, options: type = NoOptions, needs: str | None = None,
+    name: str, module: str, *, options: type = NoOptions, needs: str | None = None,
     install: str | None = None, made_up: bool = False,
 ) -> None:
     """Make ``module`` available as backend ``name``.
@@ -86,12 +86,12 @@ def makes_data_up(backend: str) -> bool:
     return spec is not None and spec.made_up
 
 
-register_backend("pil", "fastsiam.data.pil_loader", PILOptions)
-register_backend("synthetic", "fastsiam.data.synthetic", SyntheticOptions, made_up=True)
-register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader", NVJPEGOptions)
-register_backend("ffcv", "fastsiam.data.ffcv_loader", FFCVOptions, needs="ffcv",
+register_backend("pil", "fastsiam.data.pil_loader", options=PILOptions)
+register_backend("synthetic", "fastsiam.data.synthetic", options=SyntheticOptions, made_up=True)
+register_backend("nvjpeg", "fastsiam.data.nvjpeg_loader", options=NVJPEGOptions)
+register_backend("ffcv", "fastsiam.data.ffcv_loader", options=FFCVOptions, needs="ffcv",
                  install="pip install 'fastsiam[ffcv]' (needs apt packages pkg-config libopencv-dev libturbojpeg0-dev)")
-register_backend("dali", "fastsiam.data.dali_loader", DALIOptions, needs="nvidia.dali",
+register_backend("dali", "fastsiam.data.dali_loader", options=DALIOptions, needs="nvidia.dali",
                  install="pip install 'fastsiam[dali]' (nvidia-dali-cuda120)")
 
 
