@@ -563,5 +563,3 @@ def _first_line_of(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines or [repr(e)])[0]
     return detail if len(detail) <= 300 else detail[:297] + "..."
-
-
