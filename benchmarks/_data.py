@@ -26,10 +26,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # The generated images' styles (make_toy_imagenet): default side range and how results name them
 STYLE_SIDES = {"photo": (340, 500), "shapes": (200, 600)}
 STYLE_NAMES = {"photo": "photo-like (dead leaves)", "shapes": "toy ImageNet shapes"}
+# ImageNet's commonest image sizes (height, width): the long side is 500 for most of its images.
+IMAGENET_SIZES = [(375, 500), (500, 375), (333, 500), (500, 333), (400, 500), (500, 400),
+                  (281, 500), (500, 500), (375, 500), (375, 500)]
+
+
+def imagenet_crop_batch(images_per_batch: int = 256, size: int = 224, seed: int = 0
+                        ) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+    """A batch's worth of the nvjpeg backend's crop-resize work, without images: the decoded
+    sizes (drawn from :data:`IMAGENET_SIZES`), and two RandomResizedCrop boxes per image (scale
+    (0.2, 1), the crops module's own draws) as the source index and boxes, view-major."""
+    from fastsiam.data.crops import random_crop_boxes, sample_keys
+
+    rng = np.random.default_rng(seed)
+    sizes = [IMAGENET_SIZES[i] for i in rng.integers(0, len(IMAGENET_SIZES), images_per_batch)]
+    heights, widths = np.array(sizes).T
+    samples = np.arange(images_per_batch)
+    boxes = np.concatenate([random_crop_boxes(sample_keys(seed, 0, samples, view), heights, widths,
+                                              (0.2, 1.0), (3 / 4, 4 / 3)) for view in (0, 1)])
+    return sizes, np.tile(samples, 2), boxes
 
 
 @dataclass

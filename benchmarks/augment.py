@@ -6,7 +6,8 @@ share of each stage. The goal is <= 5% of a training step at the same batch (abo
 an H100 at 3,600 images/s). Beside the default (the fused ColorJitter kernels of
 fastsiam.augment.fused) the same rows for the plain torch ops (``fused_color=False``), and with
 --compile (default on cuda) for ``SimSiamAugment(compile=True)``. ``--count`` counts kernels and
-bytes of both on fake CUDA instead (no GPU needed).
+bytes of both on fake CUDA instead (no GPU needed), and of the step before it on a GPU, the
+nvjpeg backend's crop-resize of the batch (crop_resize_count-fakecuda.json).
 
 On the CPU: views/s of the same module next to the official recipe's PIL colour pipeline
 (ColorJitter p=0.8, RandomGrayscale p=0.2, PIL GaussianBlur p=0.5, flip, ToTensor, Normalize)
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._data import imagenet_crop_batch
 from benchmarks._harness import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
 from fastsiam.augment import SimSiamAugment
 from fastsiam.data import TwoViewBatch
@@ -90,6 +92,35 @@ def count(batch_size: int, size: int, out_dtype: torch.dtype, bandwidth: float,
     return report
 
 
+def count_crop_resize(images_per_batch: int, size: int, bandwidth: float) -> BenchmarkReport:
+    """The nvjpeg backend's device crop-resize of one batch (two crops per ImageNet-sized image),
+    counted like :func:`count`: the kernel of fastsiam.data.resample_kernel (the default on a
+    GPU) and the batched torch ops of fastsiam.data.resample (its fallback), against the output's
+    bytes. The kernel's row is pessimistic: its images are counted whole (it reads only the
+    crops) and its output as read and written (an out argument; it only writes it)."""
+    from fastsiam.data.resample import crop_resize
+    from fastsiam.data.resample_kernel import crop_resize_kernel
+    from fastsiam.testing.fake_cuda import fake_cuda
+
+    sizes, source, boxes = imagenet_crop_batch(images_per_batch, size)
+    output = len(boxes) * size * size * 3
+    settings = {"images_per_batch": images_per_batch, "crops": len(boxes), "resolution": size,
+                "image_sizes": "ImageNet's commonest (long side 500)", "crop_scale": "0.2-1",
+                "image_bytes": sum(3 * h * w for h, w in sizes), "output_bytes": output,
+                "bandwidth_GBps": bandwidth / 1e9}
+    report = BenchmarkReport("crop_resize_count", FAKE_CUDA, settings)
+    for name, resize in (("crop_resize_kernel (resize: kernel, the GPU default)", crop_resize_kernel),
+                         ("crop_resize (resize: batched, the fallback)", crop_resize)):
+        with fake_cuda() as trace:
+            images = [torch.empty((3, h, w), dtype=torch.uint8, device="cuda") for h, w in sizes]
+            with trace.region("call"):
+                resize(images, source, boxes, size)
+        ops = trace.select("call", "kernel")
+        nbytes = trace.nbytes("call")
+        report.add_count(name, len(ops), nbytes, bandwidth, times_output=nbytes / output)
+    return report
+
+
 def graphed(aug: SimSiamAugment, batch: TwoViewBatch) -> Callable[[], Any]:
     """The module captured once as a CUDA graph; each replay draws new parameters."""
     side = torch.cuda.Stream()
@@ -139,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default=None, help="recorded in the settings (e.g. 'contended')")
     ap.add_argument("--count", action="store_true",
                     help="count kernels and device bytes of one call on fake CUDA (no GPU needed) "
-                         "instead of timing; writes augment_count-fakecuda.json")
+                         "instead of timing; writes augment_count- and crop_resize_count-fakecuda.json")
     ap.add_argument("--bandwidth", type=float, default=3.35e12,
                     help="device bytes/s for --count's implied time (default: H100 SXM, 3.35 TB/s)")
     ap.add_argument("--out", default=None, help="directory for the JSON ($OUT or benchmarks/results)")
@@ -149,12 +180,14 @@ def main(argv: list[str] | None = None) -> None:
         shape = (args.batch or (4 if args.smoke else 256), 64 if args.smoke else args.size,
                  getattr(torch, args.out_dtype), args.bandwidth)
         report = count(*shape)
-        plain = count(*shape, fused_color=False).rows[0]  # the baseline, same count
-        report.add_count("plain torch ops, one call (aug.fused_color: false)", plain["kernels"],
-                         plain["device_bytes"], args.bandwidth)
-        print(report.table())
-        if not args.smoke or args.out:
-            print(f"wrote {report.write(args.out)}")
+        plain_row = count(*shape, fused_color=False).rows[0]  # the baseline, same count
+        report.add_count("plain torch ops, one call (aug.fused_color: false)", plain_row["kernels"],
+                         plain_row["device_bytes"], args.bandwidth)
+        resize = count_crop_resize(shape[0], shape[1], args.bandwidth)
+        for r in (report, resize):
+            print(r.table())
+            if not args.smoke or args.out:
+                print(f"wrote {r.write(args.out)}")
         return
     device = args.device
     cuda = device.startswith("cuda")

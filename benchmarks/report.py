@@ -102,11 +102,14 @@ def _scalar(v: Any) -> bool:
 def count_table(result: Result) -> str:
     """Counted device traffic (fake CUDA): kernels, bytes and their time at the stated bandwidth."""
     bandwidth = result.data["settings"].get("bandwidth_GBps")
-    head = ["variant", "kernels", "GB moved", f"ms at {fmt(bandwidth)} GB/s"]
+    fixed = {"variant", "kernels", "device_bytes", "ms_at_bandwidth"}
+    extra = sorted({k for r in result.rows for k, v in r.items() if k not in fixed and _scalar(v)})
+    head = ["variant", "kernels", "GB moved", f"ms at {fmt(bandwidth)} GB/s", *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in result.rows:
-        lines.append(f"| {fmt(r['variant'])} | {r['kernels']} | {r['device_bytes'] / 1e9:.3f} | "
-                     f"{r['ms_at_bandwidth']:.2f} |")
+        cells = [fmt(r["variant"]), str(r["kernels"]), f"{r['device_bytes'] / 1e9:.3f}",
+                 f"{r['ms_at_bandwidth']:.2f}", *(fmt(r.get(k)) for k in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -227,17 +227,20 @@ def test_nvjpeg_stops_its_threads_when_the_consumer_stops_early(shards):
     assert alive == []
 
 
-def test_nvjpeg_per_image_resize_is_cpu_only(shards):
+def test_nvjpeg_resize_paths_keep_to_their_devices(shards):
     with pytest.raises(ValueError, match="per_image' is the CPU path"):
         load("nvjpeg", shards["train"], resize="per_image", device="cuda")
+    with pytest.raises(ValueError, match="kernel' is a CUDA kernel; device is cpu"):
+        load("nvjpeg", shards["train"], resize="kernel", device="cpu")
 
 
 @pytest.mark.cuda
-def test_nvjpeg_on_the_gpu_matches_the_cpu(shards, sources):
-    """nvJPEG decode + batched resize on the GPU: the same samples and boxes as on the CPU
-    (nvJPEG's IDCT and the float16 products differ from libjpeg-turbo by a level or so)."""
+@pytest.mark.parametrize("resize", ["kernel", "batched"])
+def test_nvjpeg_on_the_gpu_matches_the_cpu(shards, sources, resize):
+    """nvJPEG decode + either GPU resize: the same samples and boxes as on the CPU (nvJPEG's
+    IDCT and the batched path's float16 products differ from libjpeg-turbo by a level or so)."""
     images, labels = sources["train"]
-    gpu = load("nvjpeg", shards["train"], device="cuda")
+    gpu = load("nvjpeg", shards["train"], device="cuda", resize=resize)
     gpu.set_epoch(1)
     order = gpu.sampler.rank_indices().tolist()
     batches = list(gpu)
@@ -249,7 +252,9 @@ def test_nvjpeg_on_the_gpu_matches_the_cpu(shards, sources):
         assert cpu_batch.label.tolist() == [labels[i] for i in indices]
         right, wrong = view_errors(cpu_batch, indices, images, SEED, 1)
         assert max(right) < 3 and min(wrong) > 15
-    val = load("nvjpeg", shards["val"], device="cuda", split="val", batch_size=6, drop_last=False)
+    assert gpu.resize == resize  # the kernel compiled and passed its check: no fallback
+    val = load("nvjpeg", shards["val"], device="cuda", split="val", batch_size=6, drop_last=False,
+               resize=resize)
     view = torch.cat([b.view.cpu() for b in val])
     errors = [mean_abs(v, reference_center(im)) for v, im in zip(view, sources["val"][0])]
     assert max(errors) < 3

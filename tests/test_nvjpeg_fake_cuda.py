@@ -3,7 +3,7 @@ only host<->device traffic of a batch.
 
 The loader's threads are not traced (dispatch modes are thread-local), so the test calls the
 two device stages in this thread: the decoder stage (``_make_device_batch``: decode and
-batched crop-resize on the side stream) and the hand-over to the consumer (``_hand_over``).
+crop-resize on the side stream, by the kernel or by the batched torch ops) and the hand-over to the consumer (``_hand_over``).
 torchvision's CUDA ``decode_jpeg`` has no fake kernel: it is replaced by one that returns
 fake images of the JPEGs' real sizes and marks its place in the trace.
 """
@@ -26,13 +26,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 B = 6
 
 
+@pytest.mark.parametrize("resize", [None, "batched"], ids=["default-kernel", "batched"])
 def test_decoder_stage_drains_the_side_stream_before_decoding(
-    toy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    toy_imagenet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resize: str | None
 ) -> None:
     root = write_shards(toy_imagenet / "train", tmp_path / "shards")
     pool = ThreadPoolExecutor(2)
     loader = build_loader("nvjpeg", root, batch_size=B, image_size=SIZE, workers=1,
-                          device="cuda", seed=0)  # builds without touching the device
+                          device="cuda", seed=0, resize=resize)  # builds without touching the device
+    assert loader.resize == (resize or "kernel")
     indices = list(range(B))
     data = loader._read(indices, pool)
     sizes = [tuple(decode_jpeg(d).shape) for d in data]  # real sizes, decoded on the CPU
@@ -50,7 +52,7 @@ def test_decoder_stage_drains_the_side_stream_before_decoding(
         with trace.region("hand-over"):
             batch = loader._hand_over(batch, ready)
 
-    # Both views in one tensor, straight from the batched crop-resize (no split, no copy).
+    # Both views in one tensor, straight from the crop-resize (no split, no copy).
     assert batch.views.shape == (2 * B, 3, SIZE, SIZE) and batch.views.device.type == "cuda"
     assert batch.views.is_contiguous(memory_format=torch.channels_last)
     ops = trace.select("decoder stage")
@@ -60,7 +62,12 @@ def test_decoder_stage_drains_the_side_stream_before_decoding(
     # Host<->device traffic of the stage: that wait, and two small copies made on this loader
     # thread (the labels, the crop boxes' metadata), never one from the device.
     problems = [(op.kind, op.where.split(" in ")[-1]) for op in trace.problems("decoder stage")]
+    resizer = "crop_resize" if resize == "batched" else "crop_resize_kernel"
     assert problems == [("sync", "_make_device_batch"), ("h2d", "_make_batch"),
-                        ("h2d", "crop_resize")], trace.report("decoder stage")
-    assert names.index("aten.bmm.default") > decode or "aten.matmul.default" in names[decode:]
+                        ("h2d", resizer)], trace.report("decoder stage")
+    if resize == "batched":
+        assert names.index("aten.bmm.default") > decode
+    else:  # one kernel after the decode, none of the batched path's products
+        assert names[decode:].count("fastsiam.crop_resize_kernel.default") == 1
+        assert "aten.bmm.default" not in names
     trace.assert_clean("hand-over")

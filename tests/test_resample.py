@@ -10,23 +10,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from fastsiam.data.crops import random_crop_boxes, sample_keys
+from benchmarks._data import imagenet_crop_batch
 from fastsiam.data.resample import _filter_taps, crop_resize
 from fastsiam.testing.fake_cuda import fake_cuda
-
-# ImageNet's commonest sizes (height, width): the long side is 500 for most of its images.
-IMAGENET_SIZES = [
-    (375, 500),
-    (500, 375),
-    (333, 500),
-    (500, 333),
-    (400, 500),
-    (500, 400),
-    (281, 500),
-    (500, 500),
-    (375, 500),
-    (375, 500),
-]
 
 
 def _noise(sizes: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
@@ -121,26 +107,12 @@ def test_filter_taps_are_torchs_antialiased_bilinear_weights(size: int) -> None:
         assert not dense[:, :off].any()
 
 
-def _realistic_batch(images_per_batch: int = 256, size: int = 224):
-    """Two RandomResizedCrop views (scale (0.2, 1)) of each of a batch of ImageNet-sized
-    images, in the nvjpeg loader's view-major order."""
-    rng = np.random.default_rng(0)
-    sizes = [IMAGENET_SIZES[i] for i in rng.integers(0, len(IMAGENET_SIZES), images_per_batch)]
-    heights, widths = np.array(sizes).T
-    boxes = np.concatenate([
-        random_crop_boxes(sample_keys(0, 0, np.arange(images_per_batch), view), heights, widths,
-                          (0.2, 1.0), (3 / 4, 4 / 3))
-        for view in (0, 1)
-    ])  # fmt: skip
-    return sizes, np.tile(np.arange(images_per_batch), 2), boxes
-
-
-def test_device_traffic_of_a_realistic_batch() -> None:
+def test_device_traffic_of_aimagenet_crop_batch() -> None:
     """2 x 256 crops at 224 px on fake CUDA: 2.80 GB in 126 kernels, 36x the 77 MB output (the
     gather of padded crops through an int64 index that this replaced: 27.2 GB, 353x, in 1236
     kernels). Most of it is the float16 copies that the matrix products need (see the module
     docstring). One host->device copy (the crops' metadata), none back, no host sync."""
-    sizes, source, boxes = _realistic_batch()
+    sizes, source, boxes = imagenet_crop_batch()
     size = 224
     with fake_cuda() as trace:
         images = [torch.empty((3, h, w), dtype=torch.uint8, device="cuda") for h, w in sizes]
@@ -161,7 +133,7 @@ def test_device_traffic_of_a_realistic_batch() -> None:
 def test_realistic_batch_on_the_gpu() -> None:
     """float16 tensor-core products: within two levels of torchvision on the CPU (float16's
     11-bit mantissa at pixel values up to 255.5, in the intermediate and the result)."""
-    sizes, source, boxes = _realistic_batch(images_per_batch=32)
+    sizes, source, boxes = imagenet_crop_batch(images_per_batch=32)
     images = [TF.gaussian_blur(im, [5, 5]) for im in _noise(sizes, seed=3)]
     out = crop_resize([im.cuda() for im in images], source, boxes, 224).cpu()
     _assert_matches_torchvision(images, source, boxes, out, 224, tolerance=2)

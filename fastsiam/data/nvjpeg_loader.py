@@ -3,10 +3,11 @@
 For machines with neither FFCV nor DALI. Samples are read through the shard index files with
 one ``pread`` each (:class:`~fastsiam.data.shards.ShardReader`, no tar scan), decoded once by
 ``torchvision.io.decode_jpeg`` (batched nvJPEG with ``device="cuda"``, libjpeg-turbo on CPU
-threads otherwise) and cut into two resized crops on the device by batched matrix products
-(:mod:`fastsiam.data.resample`), or, on the CPU, by torchvision's vectorized uint8
-``resized_crop`` per image on the decoding threads (option ``resize``). Flips and colour work
-are left to the device augmentation.
+threads otherwise) and cut into two resized crops: on a GPU by one runtime-compiled kernel
+that reads each image once (:mod:`fastsiam.data.resample_kernel`, ~3x the output's bytes of
+device traffic) or by batched matrix products (:mod:`fastsiam.data.resample`, any device,
+~36x), on the CPU by torchvision's vectorized uint8 ``resized_crop`` per image on the decoding
+threads (option ``resize``). Flips and colour work are left to the device augmentation.
 
 Three stages overlap, each in its own thread: reading batch ``k + 2`` (a thread pool of
 ``readers`` preads), decoding and cropping batch ``k + 1`` (on a side CUDA stream, or a pool
@@ -46,6 +47,7 @@ from fastsiam.data.jpeg import BLACK_SIDE, decoder_message, jpeg_problem
 from fastsiam.data.loader import BatchDraws, Loader, LoaderSpec
 from fastsiam.data.options import NVJPEGOptions
 from fastsiam.data.resample import crop_resize
+from fastsiam.data.resample_kernel import crop_resize_kernel, kernel_works
 from fastsiam.data.sampler import EpochSampler
 from fastsiam.data.shards import ShardReader, open_shard_folder
 
@@ -71,8 +73,9 @@ class NVJPEGLoader(Loader):
         readers: threads issuing the preads of a batch.
         device: where decoding (CUDA: nvJPEG) and cropping happen and batches are delivered.
         prefetch: finished batches held ahead of the consumer.
-        resize: ``batched`` (the batched matrix-product resize, any device) or ``per_image``
-            (torchvision's uint8 ``resized_crop`` per image on the decoding threads; CPU only).
+        resize: ``kernel`` (the crop-resize kernel; CUDA only), ``batched`` (the batched
+            matrix-product resize, any device) or ``per_image`` (torchvision's uint8
+            ``resized_crop`` per image on the decoding threads; CPU only).
         on_corrupt: ``stop`` or ``skip`` (see the module docstring).
         draws: ``LoaderSpec.batch_draws``, for train batches that carry the augmentation's draws.
     """
@@ -106,9 +109,9 @@ class NVJPEGLoader(Loader):
         self.device = device
         self.prefetch = max(prefetch, 1)
         if resize == "per_image" and device.type != "cpu":
-            raise ValueError(
-                f"nvjpeg loader: resize='per_image' is the CPU path; device is {device}"
-            )
+            raise ValueError(f"nvjpeg loader: resize='per_image' is the CPU path; device is {device}")
+        if resize == "kernel" and device.type != "cuda":
+            raise ValueError(f"nvjpeg loader: resize='kernel' is a CUDA kernel; device is {device}")
         self.resize = resize
         self.classes = list(shards.classes)
         self.num_classes = len(self.classes)
@@ -217,13 +220,14 @@ class NVJPEGLoader(Loader):
         n, s = len(idx), self.image_size
         views = 2 if self.train else 1
         label = torch.from_numpy(self.shards.labels[idx]).to(self.device, non_blocking=True)
-        if self.resize == "batched":
+        if self.resize == "kernel" and not kernel_works(self.device):
+            self.resize = "batched"  # checked at the first batch (building touches no device); said why
+        if self.resize != "per_image":
             images = self._decode(indices, data, pool)
             heights = np.array([im.shape[1] for im in images])
             widths = np.array([im.shape[2] for im in images])
-            out = crop_resize(
-                images, np.tile(np.arange(n), views), self._boxes(epoch, idx, heights, widths), s
-            )
+            resize = crop_resize_kernel if self.resize == "kernel" else crop_resize
+            out = resize(images, np.tile(np.arange(n), views), self._boxes(epoch, idx, heights, widths), s)
         else:
             out = torch.empty((views * n, s, s, 3), dtype=torch.uint8)
             chunks = np.array_split(np.arange(n), min(self.workers, n))
@@ -356,7 +360,7 @@ def build(path: str | Path, spec: LoaderSpec, options: NVJPEGOptions) -> NVJPEGL
     (the options: :class:`fastsiam.data.options.NVJPEGOptions`)."""
     path = Path(path)
     readers, prefetch = options.readers, options.prefetch
-    resize = options.resize or ("batched" if spec.device.type == "cuda" else "per_image")
+    resize = options.resize or ("kernel" if spec.device.type == "cuda" else "per_image")
     shards = open_shard_folder(path, "nvjpeg")
     return NVJPEGLoader(
         shards,

@@ -61,9 +61,10 @@ class DALIOptions:
 class NVJPEGOptions:
     readers: int = setting(4, min=1, help="threads reading a batch's bytes (more for network file systems)")
     prefetch: int = setting(2, min=1, help="finished batches held ahead of the consumer")
-    resize: str | None = setting(None, choices=["batched", "per_image"], help="batched or per_image; null: batched "
-                                 "on a GPU, per_image on the CPU (where dense matrix products cost more "
-                                 "than torch's vectorized uint8 resize)")
+    resize: str | None = setting(None, choices=["kernel", "batched", "per_image"], help="kernel (one NVRTC "
+                                 "kernel; GPU), batched (torch's matrix products; any device) or per_image "
+                                 "(torchvision per image; CPU); null: kernel on a GPU (batched where it does "
+                                 "not compile), per_image on the CPU")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ truncates, round to nearest (the weights of every output sum to one). A view equ
 What is left of the traffic (``tests/test_resample.py`` counts it on fake CUDA) is mostly the
 floor of any such pipeline of torch ops, several times the output: matrix products take no
 uint8, so each window is read as uint8, written and read again as float16, and the first
-product's result and the float16 output are written and read once each. Only a fused kernel
-(gather, convert and both products in one) would read each window once.
+product's result and the float16 output are written and read once each. The fused kernel
+that reads each window once is :mod:`fastsiam.data.resample_kernel` (CUDA; the nvjpeg
+backend's default on a GPU); this module is its fallback and the path on any other device.
 """
 
 from __future__ import annotations
