@@ -37,7 +37,7 @@ ORDER = ["end_to_end", "step", "augment", "loaders", "convert"]
 COLUMNS = {
     "end_to_end": ["data_wait", "bound", "of_ceiling", "overlap", "ms_per_batch", "mode", "amp",
                    "optimizer", "torch_threads", "peak_memory_mb"],
-    "step": ["tflops", "mode", "amp", "optimizer", "peak_memory_mb"],
+    "step": ["tflops", "mode", "amp", "optimizer", "peak_memory_mb", "probe_share"],
 }
 HIDDEN = {"variant", "items_per_s", "items_per_s_min", "items_per_s_max", "seconds_per_call",
           "repeats", "iters", "warmup", "samples"}

@@ -9,7 +9,10 @@ synthetic device-resident uint8 batch, so the ratios are comparable):
 4. ``+fused_optimizer``: fastsiam's SGD, torch's fused kernel (foreach on the CPU);
 5. ``+cuda_graph``: the whole step captured once and replayed (CUDA only);
 6. ``+augmentation``: the device-side SimSiam augmentation inside the step (inside the graph
-   on CUDA), when :class:`fastsiam.augment.SimSiamAugment` is available.
+   on CUDA), when :class:`fastsiam.augment.SimSiamAugment` is available;
+7. ``+online_probe``: the trainer's default where the data has labels: a linear classifier
+   over 1,000 classes trained in the same step on view 1's detached features
+   (:mod:`fastsiam.probe`); its cost is this row against the previous one.
 
 Rows 1-5 turn the uint8 views into normalized floats inside the step (a cheap stand-in for
 augmentation). ``--concat`` adds an informational row: row 4 with both views through the
@@ -59,10 +62,12 @@ from fastsiam.config import IMAGENET_MEAN, IMAGENET_STD, AugConfig, OptimConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam, simsiam_loss
 from fastsiam.optim import build_optimizer
+from fastsiam.probe import OnlineProbe
 from fastsiam.runtime import AMP_DTYPES, memory_format, scaled_lr
 from fastsiam.step import build_step
 
 RESNET50_224_GFLOP = 49.3  # per image: two views, forward + backward (the issue's figure)
+PROBE_CLASSES = 1000        # ImageNet's, for the +online_probe row
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Variant:
     mode: str
     augment: str = "normalize"  # normalize | simsiam
     concat: bool = False
+    probe: bool = False
 
 
 def variants(device: torch.device, concat: bool) -> list[Variant]:
@@ -90,6 +96,7 @@ def variants(device: torch.device, concat: bool) -> list[Variant]:
         last = Variant("+cuda_graph", True, "bf16", "auto", "graph")
         rows.append(last)
     rows.append(Variant("+augmentation", True, "bf16", "auto", last.mode, augment="simsiam"))
+    rows.append(Variant("+online_probe", True, "bf16", "auto", last.mode, augment="simsiam", probe=True))
     return rows
 
 
@@ -186,15 +193,17 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
     if augment is None:
         return {"skipped": "fastsiam.augment.SimSiamAugment is not available yet"}
     train_module = ConcatSimSiam(model) if v.concat else model
+    probe = OnlineProbe(model.feat_dim, PROBE_CLASSES, device=device, lr=0.1) if v.probe else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CPU run's notices are expected
         step = build_step(train_module, optimizer, augment, device=device, amp=v.amp,
-                          channels_last=v.channels_last, mode=v.mode)
+                          channels_last=v.channels_last, mode=v.mode, probe=probe)
     fmt = memory_format(v.channels_last)
     g = torch.Generator().manual_seed(0)
     views = torch.randint(0, 256, (2 * args.batch_size, 3, args.image_size, args.image_size),
                           dtype=torch.uint8, generator=g).to(device).contiguous(memory_format=fmt)
-    batch = TwoViewBatch(views, torch.zeros(args.batch_size, dtype=torch.long, device=device))
+    labels = torch.randint(0, PROBE_CLASSES, (args.batch_size,), generator=g).to(device)
+    batch = TwoViewBatch(views, labels)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -209,7 +218,7 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
     loss = float(last[0])
     if not math.isfinite(loss):
         raise RuntimeError(f"{v.name}: non-finite loss {loss}")
-    extra = {
+    extra = {**(probe_share(probe, model, args, device, m.seconds_per_call) if probe is not None else {}),
         "amp": v.amp, "channels_last": v.channels_last, "mode": step.mode,
         "optimizer": type(optimizer).__module__.split(".")[0] + "." + type(optimizer).__name__
         + (f"({optimizer.impl})" if hasattr(optimizer, "impl") else ""),
@@ -220,13 +229,32 @@ def run_variant(v: Variant, args: argparse.Namespace, device: torch.device) -> d
     return {"measurement": m, **extra}
 
 
+def probe_share(probe: OnlineProbe, model: SimSiam, args: argparse.Namespace, device: torch.device,
+                step_seconds: float) -> dict[str, float]:
+    """The probe's own work timed alone (its loss, backward and update on features of the
+    step's shape), and its share of the step it rides in: steadier than the difference of two
+    step rows, which is within their run-to-run noise."""
+    feats = torch.randn(args.batch_size, model.feat_dim, device=device)
+    labels = torch.randint(0, PROBE_CLASSES, (args.batch_size,), device=device)
+
+    def update() -> None:
+        probe.zero_grad()
+        probe.loss(feats, labels).backward()
+        probe.step()
+
+    alone = measure(update, items_per_call=args.batch_size, iters=args.iters * 5, repeats=args.repeats,
+                    warmup=args.warmup, device=str(device))
+    return {"probe_ms": alone.seconds_per_call * 1e3, "probe_share": alone.seconds_per_call / step_seconds}
+
+
 #: The model's own heavy ops: what the rest of the step's traffic is compared with.
 MODEL_HEAVY = ("aten.convolution", "aten.convolution_backward", "aten.mm", "aten.addmm")
 
 
 def count(args: argparse.Namespace, bandwidth: float) -> BenchmarkReport:
-    """Kernels and device bytes of the captured step (the ``+augmentation`` row: bf16,
-    channels_last, fused SGD, the device augmentation inside the graph), counted on fake CUDA.
+    """Kernels and device bytes of the captured step (the ``+online_probe`` row, the trainer's
+    default: bf16, channels_last, fused SGD, the device augmentation and the online probe
+    inside the graph), counted on fake CUDA.
 
     Rows: the whole captured region, the model's convolutions and GEMMs (forward and backward),
     everything else (augmentation, BatchNorm, activations, loss, optimizer: the traffic this
@@ -238,20 +266,23 @@ def count(args: argparse.Namespace, bandwidth: float) -> BenchmarkReport:
         model = SimSiam(args.arch, args.dim, args.pred_dim).to("cuda", memory_format=torch.channels_last)
         optimizer = build_optimizer(model, OptimConfig(impl="fused"), lr=scaled_lr(OptimConfig().lr, args.batch_size),
                                     device="cuda")
+        probe = OnlineProbe(model.feat_dim, PROBE_CLASSES, device="cuda", lr=0.1)
         step = build_step(model, optimizer, load_augment(torch.bfloat16), device="cuda", amp="bf16",
-                          mode="graph")
+                          mode="graph", probe=probe)
         views = torch.empty((2 * args.batch_size, 3, args.image_size, args.image_size),
                             dtype=torch.uint8, device="cuda", memory_format=torch.channels_last)
-        step(TwoViewBatch(views, torch.empty(args.batch_size, dtype=torch.long, device="cuda")))
+        step(TwoViewBatch(views, torch.zeros(args.batch_size, dtype=torch.long, device="cuda")))
     trace.assert_clean(CAPTURE)
     ops = trace.select(CAPTURE, "kernel")
-    def is_heavy(op: Any) -> bool:  # the blur's depthwise convolutions are augmentation
-        return op.name.rsplit(".", 1)[0] in MODEL_HEAVY and "augment" not in (op.where or "")
+    def is_heavy(op: Any) -> bool:  # the blur's depthwise convolutions are augmentation, the probe's GEMM its own
+        where = op.where or ""
+        return op.name.rsplit(".", 1)[0] in MODEL_HEAVY and "augment" not in where and "probe.py" not in where
 
     heavy = [op for op in ops if is_heavy(op)]
     rest = [op for op in ops if not is_heavy(op)]
     settings = {"arch": args.arch, "batch_size": args.batch_size, "resolution": args.image_size,
-                "amp": "bf16", "optimizer": "fused SGD", "mode": "graph", "bandwidth_GBps": bandwidth / 1e9,
+                "amp": "bf16", "optimizer": "fused SGD", "mode": "graph", "online_probe_classes": PROBE_CLASSES,
+                "bandwidth_GBps": bandwidth / 1e9,
                 "fused_sgd": "no fake kernel: counted as one kernel reading and writing its tensors"}
     report = BenchmarkReport("step_count", FAKE_CUDA, settings)
     for name, group in (("captured step", ops), ("model convolutions and GEMMs", heavy),

@@ -101,11 +101,13 @@ def _print_train_summary(result: Any) -> None:
     if result.last_loss is not None:
         lines.append(f"final loss: {result.last_loss:.4f}  z-std (collapse monitor): {result.last_z_std:.4f}")
     if result.images_per_s is not None:
-        lines.append(f"throughput: {result.images_per_s:,.1f} images/s (all processes, kNN excluded)")
+        lines.append(f"throughput: {result.images_per_s:,.1f} images/s (all processes, evaluation excluded)")
     if result.knn:
         rnd = result.knn_random_init.get("top1")
         vs = f"  (same network at random init: {rnd:.2f}%)" if rnd is not None else ""
         lines.append(f"kNN top-1 on val: {result.knn['top1']:.2f}%{vs}")
+    if result.probe:
+        lines.append(f"online linear probe on val: top-1 {result.probe['top1']:.2f}%, top-5 {result.probe['top5']:.2f}%")
     if result.checkpoint:
         lines.append(f"checkpoint: {result.checkpoint}")
     print("\n".join(lines))

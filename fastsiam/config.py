@@ -151,6 +151,12 @@ class EvalConfig:
     knn_k: int = setting(200, min=1)
     knn_temperature: float = setting(0.07, min=1e-6)
     pretrained: str | None = setting(None, help="checkpoint for linear/kNN evaluation")
+    online_probe: bool | None = setting(None, help="train a linear classifier on the detached features "
+                                        "of view 1 during pretraining, scored on data.val_path after "
+                                        "every epoch (fastsiam.probe); null: on when the data has "
+                                        "labels and a val split")
+    online_probe_lr: float = setting(0.1, min=0.0, help="the probe's peak lr (not scaled by the batch), "
+                                     "on the schedule's curve; momentum SGD, no weight decay")
 
 
 @dataclass

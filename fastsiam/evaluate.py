@@ -174,6 +174,36 @@ def topk_hits(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> Ten
     return torch.stack([hit[:, : min(k, scores.shape[1])].any(dim=1).sum() for k in ks])
 
 
+@torch.no_grad()
+def score_logits(
+    logits_fn: FeatureFn,
+    loader: Iterable[EvalBatch],
+    device: str | torch.device,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    info: DistInfo | None = None,
+    desc: str = "test",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of ``logits_fn`` (a normalized batch -> class scores; the model
+    already in eval mode) over an :class:`EvalBatch` loader, and the number of images scored
+    (``num_samples``). Under torchrun (``info`` of several ranks) the loader is this rank's
+    shard: its sampler's padding is not scored and the ranks' hits are summed, so every image
+    counts once and every rank gets the result."""
+    info = info or DistInfo()
+    logits, labels = extract_features(logits_fn, loader, device, mean=mean, std=std, desc=desc,
+                                      show_progress=show_progress and info.is_main)
+    if info.enabled:
+        real = dist.shard_rows(loader).to(logits.device)
+        logits, labels = logits[real], labels[real]
+    counts = torch.cat([topk_hits(logits, labels, (1, 5)), torch.tensor([len(labels)], device=logits.device)])
+    hits1, hits5, n = dist.all_reduce_sum(counts, info).tolist()
+    if n == 0:
+        raise ValueError("no samples to score")
+    return {"top1": hits1 * 100.0 / n, "top5": hits5 * 100.0 / n, "num_samples": n}
+
+
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
     """Percent of rows whose label is among the ``k`` highest scores, for each ``k``
     (``k`` is capped at the number of classes, so top-5 of a 4-class problem is 100)."""

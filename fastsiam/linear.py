@@ -35,7 +35,7 @@ from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
 from fastsiam.dist import DistInfo
-from fastsiam.evaluate import FeatureFn, autocast, extract_features, normalize_view, topk_hits
+from fastsiam.evaluate import FeatureFn, autocast, normalize_view, score_logits
 from fastsiam.files import atomic_open
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes
@@ -77,22 +77,13 @@ def evaluate_classifier(
     loader is this rank's shard: its sampler's padding is not scored and the ranks' hits are
     summed, so every image counts once and every rank gets the result."""
     device = torch.device(device)
-    info = info or DistInfo()
     was_training = model.training
     model.eval()
     try:
-        logits, labels = extract_features(classifier_logits_fn(model, device, amp), loader, device,
-                                          mean=mean, std=std, desc="test", show_progress=show_progress and info.is_main)
+        return score_logits(classifier_logits_fn(model, device, amp), loader, device, mean=mean, std=std,
+                            info=info, show_progress=show_progress)
     finally:
         model.train(was_training)
-    if info.enabled:
-        real = dist.shard_rows(loader).to(logits.device)
-        logits, labels = logits[real], labels[real]
-    counts = torch.cat([topk_hits(logits, labels, (1, 5)), torch.tensor([len(labels)], device=logits.device)])
-    hits1, hits5, n = dist.all_reduce_sum(counts, info).tolist()
-    if n == 0:
-        raise ValueError("no samples to score")
-    return {"top1": hits1 * 100.0 / n, "top5": hits5 * 100.0 / n, "num_samples": n}
 
 
 def train_linear(

@@ -85,18 +85,22 @@ class SimSiam(nn.Module):
         """Pooled backbone features ``[B, feat_dim]`` (what kNN and linear evaluation use)."""
         return self.backbone(x)
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return ``(p1, p2, z1, z2)``; z1 and z2 are detached (the stop-gradient).
+    def forward(self, x1: Tensor, x2: Tensor, features: bool = False) -> tuple[Tensor, ...]:
+        """Return ``(p1, p2, z1, z2)``; z1 and z2 are detached (the stop-gradient). With
+        ``features``, also the first view's pooled backbone features (for the online probe,
+        :mod:`fastsiam.probe`; through the module's own call, so DDP sees one forward).
 
         The two views go through the encoder in two passes, as in the official code, so every
         BatchNorm layer normalizes each view over its own batch (one view's statistics never
         mix with the other's). A single concatenated pass would be a different recipe.
         """
-        z1 = self.projector(self.backbone(x1))
+        f1 = self.backbone(x1)
+        z1 = self.projector(f1)
         z2 = self.projector(self.backbone(x2))
         p1 = self.predictor(z1)
         p2 = self.predictor(z2)
-        return p1, p2, z1.detach(), z2.detach()
+        out = (p1, p2, z1.detach(), z2.detach())
+        return (*out, f1) if features else out
 
 
 def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:

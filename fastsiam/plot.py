@@ -1,7 +1,8 @@
 """``fastsiam plot WORK_DIR``: PNG plots of a run's metrics.
 
-A pretrain run (``fastsiam train``) gets SimSiam loss, z-std, lr, images/s and kNN top-1; a
-linear run (``fastsiam linear``) gets its cross-entropy, val top-1/top-5 and lr.
+A pretrain run (``fastsiam train``) gets SimSiam loss, z-std, lr, images/s, kNN top-1 and the
+online probe's val top-1 and train cross-entropy; a linear run (``fastsiam linear``) gets its
+cross-entropy, val top-1/top-5 and lr.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ PANELS = {
         ("lr", "learning rate", "lr"),
         ("images_per_s", "throughput", "images/s"),
         ("knn_top1", "kNN top-1 on val", "%"),
+        ("probe_top1", "online linear probe: val top-1", "%"),
+        ("probe_loss", "online linear probe: train cross-entropy", "cross-entropy"),
     ]),
     "linear": ("epoch", [
         ("loss", "linear classifier: train cross-entropy", "cross-entropy"),

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ from fastsiam.model import simsiam_loss, z_std
 from fastsiam.optim import optimizer_info
 from fastsiam.runtime import AMP_DTYPES, memory_format
 
+if TYPE_CHECKING:
+    from fastsiam.probe import OnlineProbe
+
 MODES = ("eager", "graph")
 DDP_WARMUP_ITERS = 11  # PyTorch's requirement before capturing DDP
 WARMUP_ITERS = 3
@@ -59,10 +62,12 @@ Augment = Callable[[TwoViewBatch], tuple[Tensor, Tensor]]
 
 
 class StepOutput(NamedTuple):
-    """Device tensors (0-dim float32): the step's loss and the z-std collapse monitor."""
+    """Device tensors (0-dim float32): the step's loss, the z-std collapse monitor, and the
+    online probe's cross-entropy (None without a probe)."""
 
     loss: Tensor
     z_std: Tensor
+    probe_loss: Tensor | None = None
 
 
 class LossScaler:
@@ -157,14 +162,18 @@ class Step:
         skip_nonfinite: a step whose loss is inf/NaN leaves every state as it was: the update
             is masked (no host sync; needs fastsiam's SGD/LARS) and the BatchNorm statistics
             its forward wrote are restored. fp16's scaler skips overflows regardless.
+        probe: an :class:`~fastsiam.probe.OnlineProbe` trained in the same step on the first
+            view's detached features and the batch's labels (the model's forward is asked
+            for the features); the SimSiam update is the same with or without it.
     """
 
     mode = "eager"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
                  device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, probe: OnlineProbe | None = None):
         self.model = model
+        self.probe = probe
         self.optimizer = optimizer
         self.augment = augment
         self.device = torch.device(device)
@@ -203,32 +212,41 @@ class Step:
 
     def _run(self, batch: TwoViewBatch) -> StepOutput:
         self.optimizer.zero_grad(set_to_none=True)
+        probe = self.probe
+        if probe is not None:
+            probe.zero_grad()
         saved = self._snapshot_buffers()
         v1, v2 = self.augment(batch)
         v1, v2 = self._prepare(v1), self._prepare(v2)
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
                             enabled=self.dtype is not None, cache_enabled=self.autocast_cache):
-            p1, p2, z1, z2 = self.model(v1, v2)
+            out = self.model(v1, v2, features=True) if probe is not None else self.model(v1, v2)
+        p1, p2, z1, z2 = out[:4]
         # The loss in fp32: cosine similarity of bf16/fp16 outputs loses digits that matter
         # once the loss approaches its floor of -1.
         loss = simsiam_loss(p1.float(), p2.float(), z1.float(), z2.float())
         nonfinite = (~torch.isfinite(loss)) if self.skip_nonfinite else None
+        # The probe's loss joins the backward after the SimSiam loss is scaled: its branch is
+        # detached, so the SimSiam gradients are the same numbers with or without it.
+        probe_loss = probe.loss(out[4], batch.label) if probe is not None else None
+        backward = loss if self.scaler is None else self.scaler.scale_loss(loss)
+        (backward if probe_loss is None else backward + probe_loss).backward()
         if self.scaler is None:
-            loss.backward()
             if nonfinite is not None:
                 self.optimizer.step(found_inf=nonfinite.float())
             else:
                 self.optimizer.step()
         else:
-            self.scaler.scale_loss(loss).backward()
             self.scaler.unscale_(self.optimizer)
             self.optimizer.step(found_inf=self.scaler.found_inf)
             self.scaler.update()
+        if probe is not None and probe_loss is not None:
+            probe.step(found_inf=(~torch.isfinite(probe_loss)).float() if self.skip_nonfinite else None)
         if nonfinite is not None:
             self._restore_buffers(saved, nonfinite)
         with torch.no_grad():
             monitor = (z_std(z1) + z_std(z2)) * 0.5
-        return StepOutput(loss.detach(), monitor)
+        return StepOutput(loss.detach(), monitor, None if probe_loss is None else probe_loss.detach())
 
     def _snapshot_buffers(self) -> list[Tensor]:
         """One flat copy per buffer group, taken before the forward (one kernel each)."""
@@ -273,9 +291,10 @@ class GraphStep(Step):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
                  device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
-                 skip_nonfinite: bool = False, warmup_iters: int | None = None):
+                 skip_nonfinite: bool = False, probe: OnlineProbe | None = None,
+                 warmup_iters: int | None = None):
         super().__init__(model, optimizer, augment, device=device, amp=amp,
-                         channels_last=channels_last, skip_nonfinite=skip_nonfinite)
+                         channels_last=channels_last, skip_nonfinite=skip_nonfinite, probe=probe)
         if self.device.type != "cuda":
             raise ValueError(f"GraphStep needs a CUDA device, got {self.device}")
         if not self.optimizer_info.graph_safe:
@@ -306,9 +325,11 @@ class GraphStep(Step):
         self._static.views.copy_(batch.views, non_blocking=True)
         if batch.draws.numel():  # no draws carried: the graph draws its own
             self._static.draws.copy_(batch.draws, non_blocking=True)
+        if self.probe is not None:  # the probe's labels: the captured step's third input
+            self._static.label.copy_(batch.label, non_blocking=True)
         self.graph.replay()
         # The static outputs are overwritten by the next replay; callers keep these.
-        return StepOutput(self._static_out.loss.clone(), self._static_out.z_std.clone())
+        return StepOutput(*(None if t is None else t.clone() for t in self._static_out))
 
     def _fits(self, batch: TwoViewBatch) -> bool:
         static = self._static.views
@@ -322,6 +343,8 @@ class GraphStep(Step):
             tensors += [v for v in state.values() if isinstance(v, Tensor)]
         if self.scaler is not None:
             tensors += [self.scaler.scale, self.scaler.growth_tracker]
+        if self.probe is not None:
+            tensors += self.probe.state_tensors()
         return tensors
 
     def _capture(self, batch: TwoViewBatch) -> None:
@@ -356,7 +379,7 @@ class GraphStep(Step):
 
 def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augment, *,
                device: torch.device | str, amp: str = "bf16", channels_last: bool = True,
-               mode: str = "eager", skip_nonfinite: bool = False) -> Step:
+               mode: str = "eager", skip_nonfinite: bool = False, probe: OnlineProbe | None = None) -> Step:
     """The training step for ``mode`` (``eager`` or ``graph``; graph falls back to eager
     with a notice when the device is not CUDA). See :class:`Step` for the arguments."""
     if mode not in MODES:
@@ -368,4 +391,4 @@ def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, augment: Augm
         mode = "eager"
     cls = GraphStep if mode == "graph" else Step
     return cls(model, optimizer, augment, device=device, amp=amp, channels_last=channels_last,
-               skip_nonfinite=skip_nonfinite)
+               skip_nonfinite=skip_nonfinite, probe=probe)

@@ -38,6 +38,7 @@ from fastsiam.data import build_loader_from_config, makes_data_up
 from fastsiam.files import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.probe import OnlineProbe
 from fastsiam.resume import config_changes, restart_batch
 from fastsiam.run_log import CONFIG_FILE, RunLogger, progress
 from fastsiam.runtime import AMP_DTYPES, default_work_dir, git_commit, memory_format, scaled_lr
@@ -62,8 +63,9 @@ class TrainResult:
     stopped_by: str | None = None          # "signal", "max_steps" or None
     last_loss: float | None = None
     last_z_std: float | None = None
-    images_per_s: float | None = None      # this process's training throughput (kNN excluded)
+    images_per_s: float | None = None      # this process's training throughput (evaluation excluded)
     knn: dict[str, float] = field(default_factory=dict)          # kNN of the final weights
+    probe: dict[str, float] = field(default_factory=dict)        # the online probe's last val score
     knn_random_init: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
 
@@ -178,10 +180,13 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, lr=self.peak_lr, device=self.device)
-        self.schedule = build_schedule(
-            cfg.schedule, self.optimizer, base_lr=self.peak_lr, epochs=cfg.train.epochs,
-            steps_per_epoch=self.steps_per_epoch,
-        )
+        self.probe = self._build_probe(capture)
+        self.schedule = build_schedule(cfg.schedule, self.optimizer, base_lr=self.peak_lr,
+                                       epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch)
+        self.schedules = [self.schedule]
+        if self.probe is not None:  # the same curve from the probe's own peak
+            self.schedules.append(build_schedule(cfg.schedule, self.probe.optimizer, base_lr=cfg.eval.online_probe_lr,
+                                                 epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch))
         out_dtype = AMP_DTYPES[cfg.train.amp] or torch.float32
         if self.device.type == "cpu" and out_dtype is torch.float16:
             out_dtype = torch.float32
@@ -189,7 +194,7 @@ class Trainer:
         self.step_fn = build_step(
             self.train_module, self.optimizer, self.augment, device=self.device, amp=cfg.train.amp,
             channels_last=cfg.train.channels_last, mode=cfg.train.step,
-            skip_nonfinite=cfg.train.on_nonfinite == "skip",
+            skip_nonfinite=cfg.train.on_nonfinite == "skip", probe=self.probe,
         )
         self.logger = RunLogger(self.work_dir, enabled=False)  # replaced in fit() once the dir is checked
         self.epoch = 0
@@ -199,7 +204,7 @@ class Trainer:
         self._knn_step: int | None = None                 # the step the kNN monitor last scored
         self._train_images, self._train_seconds = 0, 0.0  # throughput of this process's run
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
-        self._knn_loaders: tuple[Any, Any] | None = None
+        self._eval_loaders: dict[str, Any] = {}  # center-crop loaders, built at first use
 
     # ------------------------------------------------------------------------------------
     # state
@@ -217,6 +222,7 @@ class Trainer:
             "skipped_in_a_row": self.skipped_in_a_row,
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
+            **({"probe": self.probe.state_dict()} if self.probe is not None else {}),
             "fastsiam_version": fastsiam.__version__,
             "git_commit": git_commit(),
         }
@@ -228,6 +234,11 @@ class Trainer:
             raise TrainingError(f"its model does not fit this config's model: {_first_line_of(e)}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.load_state_dict(state.get("step_state", {}))
+        if self.probe is not None:
+            if "probe" in state:
+                self.probe.load_state_dict(state["probe"])
+            else:  # eval.online_probe is a monitor: turning it on mid-run is allowed
+                log.info("the checkpoint has no online probe: it starts untrained at step %d", int(state["step"]))
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_metric = state.get("best_metric")
@@ -354,6 +365,8 @@ class Trainer:
         if every and (self.epoch % every == 0 or self.epoch == cfg.train.epochs):
             result.knn = self._knn(f"epoch {self.epoch}")
             metric = result.knn.get("top1", math.nan)
+        if self.probe is not None:
+            result.probe = self._score_probe()
         is_best = math.isfinite(metric) and (self.best_metric is None or metric > self.best_metric)
         if is_best:
             self.best_metric = metric  # before saving, so the epoch's file and best.pt are one
@@ -372,6 +385,7 @@ class Trainer:
         cfg = self.cfg
         losses: list[torch.Tensor] = []      # device tensors since the last sync
         stds: list[torch.Tensor] = []
+        probe_losses: list[torch.Tensor] = []
         loss_sum, loss_n = 0.0, 0
 
         def epoch_loss() -> float:
@@ -386,10 +400,13 @@ class Trainer:
             data_wait += time.perf_counter() - t0
             if batch is None:
                 return epoch_loss(), True
-            self.schedule.set(self.step)
+            for schedule in self.schedules:
+                schedule.set(self.step)
             out = self.step_fn(batch)
             losses.append(out.loss.detach())
             stds.append(out.z_std.detach())
+            if out.probe_loss is not None:
+                probe_losses.append(out.probe_loss)
             self.step += 1
             bar.update(self.global_batch)
             end_of_epoch = self.loader.sampler.start_batch >= self.steps_per_epoch
@@ -402,7 +419,8 @@ class Trainer:
             self._train_images += len(losses) * self.global_batch
             self._train_seconds += elapsed
             # One copy to the host (the only sync of the window), and one all-reduce under DDP.
-            window = torch.stack([torch.stack(losses), torch.stack(stds)]).float()
+            window = torch.stack([torch.stack(losses), torch.stack(stds),
+                                  *([torch.stack(probe_losses)] if probe_losses else [])]).float()
             window = dist.all_reduce_mean(window, self.dist).cpu()
             loss_vals, z = window[0], window[1].mean().item()
             finite = torch.isfinite(loss_vals)
@@ -419,11 +437,12 @@ class Trainer:
                 "lr": self.schedule.lr_at(self.step - 1),
                 "images_per_s": len(losses) * self.global_batch / max(elapsed, 1e-9),
                 "data_wait": data_wait / max(elapsed, 1e-9),
+                **({"probe_loss": window[2].mean().item()} if probe_losses else {}),
             }
             self.logger.log(record)
             bar.set_postfix(loss=f"{loss:.4f}", z_std=f"{z:.4f}", lr=f"{record['lr']:.3g}")
             result.last_loss, result.last_z_std = loss, z
-            losses, stds = [], []
+            losses, stds, probe_losses = [], [], []
             window_start, data_wait = time.perf_counter(), 0.0
             if dist.broadcast_flag(stop.received is not None, self.dist, self.device):
                 result.stopped_by = "signal"
@@ -462,6 +481,43 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     # helpers
 
+    def _eval_loader(self, key: str) -> Any:
+        """A center-crop loader, this rank's shard, over ``data.train_path`` (``key`` "bank":
+        the kNN bank) or ``data.val_path`` ("val"); built once, shared by the kNN monitor and
+        the probe."""
+        if key not in self._eval_loaders:
+            path = self.cfg.data.train_path if key == "bank" else None
+            self._eval_loaders[key] = build_loader_from_config(
+                self.cfg.data, split="val", path=path, device=self.device, seed=self.cfg.train.seed,
+                rank=self.dist.rank, world_size=self.dist.world_size)
+        return self._eval_loaders[key]
+
+    def _build_probe(self, capture: bool) -> OnlineProbe | None:
+        """The online probe of ``eval.online_probe`` (null: on where the data has labels and a
+        val split to score it on)."""
+        cfg = self.cfg
+        wanted = cfg.eval.online_probe
+        if wanted is None:
+            wanted = not makes_data_up(cfg.data.backend) and bool(cfg.data.val_path)
+        if not wanted:
+            return None
+        if not cfg.data.val_path:
+            raise TrainingError("eval.online_probe=true needs data.val_path (the split the probe is scored on)")
+        # Its own generator: the model's initialization and the data see the same random stream.
+        return OnlineProbe(self.model.feat_dim, self.loader.num_classes, device=self.device, lr=cfg.eval.online_probe_lr,
+                           momentum=cfg.optim.momentum, seed=cfg.train.seed, dist_info=self.dist, capture=capture)
+
+    def _score_probe(self) -> dict[str, float]:
+        """The online probe on this rank's shard of the val split, counts summed over ranks."""
+        assert self.probe is not None
+        res = self.probe.evaluate(self.model.backbone, self._eval_loader("val"), mean=self.cfg.aug.mean,
+                                  std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist)
+        self.logger.log({"event": "online_probe", "epoch": self.epoch, "step": self.step,
+                         **{f"probe_{k}": v for k, v in res.items()}})
+        if self.dist.is_main:
+            log.info("online probe (epoch %d): top1 %.2f, top5 %.2f", self.epoch, res["top1"], res["top5"])
+        return res
+
     def _knn(self, label: str) -> dict[str, float]:
         """The kNN monitor on data.val_path: every rank extracts its shard of the bank and of
         the queries (:func:`fastsiam.evaluate.knn_evaluate`), so the ranks share the work and
@@ -470,15 +526,8 @@ class Trainer:
 
         if not self.cfg.data.val_path:
             raise TrainingError("eval.knn_every > 0 needs data.val_path (the split to classify)")
-        if self._knn_loaders is None:
-            common = {"device": self.device, "seed": self.cfg.train.seed, "rank": self.dist.rank,
-                      "world_size": self.dist.world_size}
-            self._knn_loaders = (
-                build_loader_from_config(self.cfg.data, split="val", path=self.cfg.data.train_path, **common),
-                build_loader_from_config(self.cfg.data, split="val", **common),
-            )
         res = knn_evaluate(  # in eval mode, restored after
-            self.model, *self._knn_loaders, k=self.cfg.eval.knn_k,
+            self.model, self._eval_loader("bank"), self._eval_loader("val"), k=self.cfg.eval.knn_k,
             temperature=self.cfg.eval.knn_temperature, device=self.device,
             mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist,
         )

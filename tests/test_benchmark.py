@@ -272,7 +272,7 @@ def test_step_failed_rows_are_recorded_and_the_json_is_written_after_each(tmp_pa
 
     monkeypatch.setattr(step, "run_variant", fake_row)
     assert step.main([*STEP_ARGS, "--out", str(tmp_path)]) == 1  # some row failed
-    assert seen == ["reference", "+channels_last", "+bf16", "+fused_optimizer", "+augmentation"]
+    assert seen == ["reference", "+channels_last", "+bf16", "+fused_optimizer", "+augmentation", "+online_probe"]
     data = load_result(path, keep_errors=True)
     assert [r["variant"] for r in data["rows"]] == seen and data["baseline"] == "reference"
     assert data["settings"]["skipped"] == {"+cuda_graph": "needs CUDA"}

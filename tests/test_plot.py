@@ -19,13 +19,16 @@ LINEAR_ROWS = [
     {"event": "resumed", "from": "run/last.pt", "epoch": 1},
     {"event": "epoch", "epoch": 2, "step": 6, "loss": 1.21, "lr": 0.05, "top1": 43.75, "top5": 100.0},
 ]
-# Rows as fastsiam.trainer logs them: a train.log_every window, a kNN event, the end.
+# Rows as fastsiam.trainer logs them: train.log_every windows (with the online probe's loss),
+# a kNN event, the online probe's epoch event, the end.
 PRETRAIN_ROWS = [
     {"epoch": 0, "step": 2, "loss": -0.21, "z_std": 0.041, "skipped_steps": 0, "corrupt_samples": 0,
-     "z_std_healthy": 0.0625, "lr": 0.05, "images_per_s": 118.0, "data_wait": 0.2},
+     "z_std_healthy": 0.0625, "lr": 0.05, "images_per_s": 118.0, "data_wait": 0.2, "probe_loss": 2.3},
     {"epoch": 0, "step": 4, "loss": -0.35, "z_std": 0.052, "skipped_steps": 0, "corrupt_samples": 0,
-     "z_std_healthy": 0.0625, "lr": 0.04, "images_per_s": 131.5, "data_wait": 0.1},
+     "z_std_healthy": 0.0625, "lr": 0.04, "images_per_s": 131.5, "data_wait": 0.1, "probe_loss": 2.1},
     {"event": "knn", "label": "epoch 1", "epoch": 1, "step": 4, "knn_top1": 31.25, "knn_top5": 87.5},
+    {"event": "online_probe", "epoch": 1, "step": 4, "probe_top1": 37.5, "probe_top5": 93.75,
+     "probe_num_samples": 16},
     {"event": "finished", "epoch": 1, "step": 4},
 ]
 
@@ -77,11 +80,13 @@ def test_a_linear_run_without_val_scores_draws_no_accuracy_axes(tmp_path: Path) 
 @pytest.mark.parametrize("task", ["pretrain", None])
 def test_a_pretrain_run_keeps_its_panels(tmp_path: Path, task: str | None) -> None:
     figs = dict(run_figures(make_run(tmp_path / "run", PRETRAIN_ROWS, task)))
-    assert list(figs) == ["loss", "z_std", "lr", "images_per_s", "knn_top1"]
+    assert list(figs) == ["loss", "z_std", "lr", "images_per_s", "knn_top1", "probe_top1", "probe_loss"]
     text = labels(figs)
     assert text["loss"] == ("SimSiam loss", "step", "negative cosine")
+    assert text["probe_top1"] == ("online linear probe: val top-1", "step", "%")
     assert line(figs["loss"]) == ([2, 4], [-0.21, -0.35])
     assert line(figs["knn_top1"]) == ([4], [31.25])
+    assert line(figs["probe_top1"]) == ([4], [37.5]) and line(figs["probe_loss"]) == ([2, 4], [2.3, 2.1])
     # z-std draws the healthy level 1/sqrt(dim) = 1/sqrt(256) as a dashed line beside the data
     data, healthy = figs["z_std"].axes[0].get_lines()
     assert list(data.get_ydata()) == [0.041, 0.052] and list(healthy.get_ydata()) == [0.0625, 0.0625]

@@ -23,6 +23,7 @@ from fastsiam.config import OptimConfig, ScheduleConfig
 from fastsiam.data.batch import TwoViewBatch
 from fastsiam.model import SimSiam
 from fastsiam.optim import build_optimizer, build_schedule
+from fastsiam.probe import OnlineProbe
 from fastsiam.step import GraphStep, Step, build_step
 from fastsiam.testing.fake_cuda import CAPTURE, DeviceTrace, fake_cuda
 
@@ -42,15 +43,16 @@ def _views(n: int, size: int, floating: bool, channels_last: bool, draws: bool =
 def _run_step(*, mode: str = "graph", amp: str = "bf16", channels_last: bool = True,
               floating: bool = False, optimizer: str = "sgd", impl: str = "foreach",
               skip_nonfinite: bool = False, backbone: str = "resnet18", size: int = 16,
-              n: int = 4, draws: bool = False) -> tuple[DeviceTrace, Step]:
-    with fake_cuda() as trace:
+              n: int = 4, draws: bool = False, probe: bool = False) -> tuple[DeviceTrace, Step]:
+    with fake_cuda(callers=probe) as trace:
         model = SimSiam(backbone, dim=64, pred_dim=16, small_input=backbone == "resnet18")
         model.to("cuda")
+        online = OnlineProbe(model.feat_dim, 10, device="cuda", lr=0.1) if probe else None
         opt = build_optimizer(model, OptimConfig(name=optimizer, impl=impl), lr=0.05, device="cuda")
         schedule = build_schedule(ScheduleConfig(), opt, base_lr=0.05, epochs=1, steps_per_epoch=10)
         augment = SimSiamAugment(out_dtype=OUT_DTYPE[amp], channels_last=channels_last)
         step = build_step(model, opt, augment, device="cuda", amp=amp, channels_last=channels_last,
-                          mode=mode, skip_nonfinite=skip_nonfinite)
+                          mode=mode, skip_nonfinite=skip_nonfinite, probe=online)
         batch = _views(n, size, floating, channels_last, draws)
         schedule.set(0)
         step(batch)  # graph: warm-up, capture, first replay
@@ -85,6 +87,27 @@ def test_graph_capture_and_replay_have_no_host_traffic(amp: str, channels_last: 
         assert trace.counts(f"step {i}")["launch"] == 1
         kernels = [op.name for op in trace.select(f"step {i}", "kernel")]
         assert [k for k in kernels if k.startswith("aten.copy")] == ["aten.copy_.default"], kernels
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_the_online_probe_is_captured_with_its_labels_a_static_input(skip_nonfinite: bool) -> None:
+    """The probe inside the captured step: no host traffic, its head's GEMMs, cross-entropy
+    and SGD update in the graph, its labels copied into the static batch by each replay
+    (with the views); the kernels it adds, counted: 10 (its forward, backward and fused SGD
+    update) against the step's 709 at this size."""
+    trace, step = _run_step(probe=True, skip_nonfinite=skip_nonfinite)
+    plain, _ = _run_step(skip_nonfinite=skip_nonfinite)
+    trace.assert_clean(CAPTURE)
+    probe_ops = [op for op in trace.select(CAPTURE, "kernel") if "probe.py" in (op.where or "")]
+    names = {op.name for op in probe_ops}
+    assert {"aten.addmm.default", "aten._log_softmax.default", "aten.nll_loss_forward.default"} <= names, names
+    added = trace.kernels(CAPTURE) - plain.kernels(CAPTURE)
+    assert 0 < added <= 20, (added, plain.kernels(CAPTURE))
+    for i in (1, 2):
+        trace.assert_clean(f"step {i}")
+        copies = [op for op in trace.select(f"step {i}", "kernel") if op.name.startswith("aten.copy")]
+        assert len(copies) == 2  # the views and the labels
+    assert step.probe is not None and step._static.label.shape == (4,)
 
 
 def test_carried_draws_are_a_static_input_of_the_graph() -> None:

@@ -117,6 +117,11 @@ def test_resume_mid_epoch_is_exact(toy_imagenet: Path, tmp_path: Path) -> None:
     assert (tmp_path / "b" / "step_00000005.pt").is_file()
     resumed = train(toy_imagenet, tmp_path / "b", resume="auto")
     assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    # the online probe (on: the toy has labels and a val split) resumes exactly too
+    assert_same_state(straight.probe.head.state_dict(), resumed.probe.head.state_dict())
+    for p, q in zip(straight.probe.head.parameters(), resumed.probe.head.parameters()):
+        assert torch.equal(straight.probe.optimizer.state[p]["momentum_buffer"],
+                           resumed.probe.optimizer.state[q]["momentum_buffer"])
 
 
 def test_corrupt_newest_checkpoint_is_skipped(toy_imagenet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
