@@ -6,7 +6,8 @@ The trainer only wires pieces that live elsewhere, each behind a factory:
 - device-side augmentation: ``fastsiam.augment.SimSiamAugment``;
 - optimizer and LR schedule: ``fastsiam.optim.build_optimizer`` / ``build_schedule``;
 - the training step (eager or CUDA graph): ``fastsiam.step.build_step``;
-- checkpoints: ``fastsiam.checkpoint``; records: ``fastsiam.run_log``.
+- checkpoints: ``fastsiam.checkpoint``; records: ``fastsiam.run_log``;
+- the kNN monitor and the online linear probe: ``fastsiam.monitors`` (``fastsiam.probe``).
 
 Host synchronization happens only every ``train.log_every`` steps: losses and the collapse
 monitor stay on the device until then, so a fast step is never stalled by logging.
@@ -37,8 +38,8 @@ from fastsiam.config import AugConfig, Config
 from fastsiam.data import build_loader_from_config, makes_data_up
 from fastsiam.files import LockedError, atomic_link, atomic_open, exclusive_lock, remove_partials
 from fastsiam.model import SimSiam
+from fastsiam.monitors import Monitors, online_probe
 from fastsiam.optim import build_optimizer, build_schedule
-from fastsiam.probe import OnlineProbe
 from fastsiam.resume import config_changes, restart_batch
 from fastsiam.run_log import CONFIG_FILE, RunLogger, progress
 from fastsiam.runtime import AMP_DTYPES, default_work_dir, git_commit, memory_format, scaled_lr
@@ -180,7 +181,8 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.peak_lr = scaled_lr(cfg.optim.lr, self.global_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, lr=self.peak_lr, device=self.device)
-        self.probe = self._build_probe(capture)
+        self.probe = online_probe(cfg, self.model, self.loader.num_classes, self.device, self.dist, capture=capture)
+        self.monitors = Monitors(cfg, self.model, self.device, self.dist)
         self.schedule = build_schedule(cfg.schedule, self.optimizer, base_lr=self.peak_lr,
                                        epochs=cfg.train.epochs, steps_per_epoch=self.steps_per_epoch)
         self.schedules = [self.schedule]
@@ -204,7 +206,6 @@ class Trainer:
         self._knn_step: int | None = None                 # the step the kNN monitor last scored
         self._train_images, self._train_seconds = 0, 0.0  # throughput of this process's run
         self.skipped_in_a_row = 0  # consecutive steps skipped for a non-finite loss
-        self._eval_loaders: dict[str, Any] = {}  # center-crop loaders, built at first use
 
     # ------------------------------------------------------------------------------------
     # state
@@ -366,7 +367,7 @@ class Trainer:
             result.knn = self._knn(f"epoch {self.epoch}")
             metric = result.knn.get("top1", math.nan)
         if self.probe is not None:
-            result.probe = self._score_probe()
+            result.probe = self.monitors.probe(self.probe, epoch=self.epoch, step=self.step, logger=self.logger)
         is_best = math.isfinite(metric) and (self.best_metric is None or metric > self.best_metric)
         if is_best:
             self.best_metric = metric  # before saving, so the epoch's file and best.pt are one
@@ -481,61 +482,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     # helpers
 
-    def _eval_loader(self, key: str) -> Any:
-        """A center-crop loader, this rank's shard, over ``data.train_path`` (``key`` "bank":
-        the kNN bank) or ``data.val_path`` ("val"); built once, shared by the kNN monitor and
-        the probe."""
-        if key not in self._eval_loaders:
-            path = self.cfg.data.train_path if key == "bank" else None
-            self._eval_loaders[key] = build_loader_from_config(
-                self.cfg.data, split="val", path=path, device=self.device, seed=self.cfg.train.seed,
-                rank=self.dist.rank, world_size=self.dist.world_size)
-        return self._eval_loaders[key]
-
-    def _build_probe(self, capture: bool) -> OnlineProbe | None:
-        """The online probe of ``eval.online_probe`` (null: on where the data has labels and a
-        val split to score it on)."""
-        cfg = self.cfg
-        wanted = cfg.eval.online_probe
-        if wanted is None:
-            wanted = not makes_data_up(cfg.data.backend) and bool(cfg.data.val_path)
-        if not wanted:
-            return None
-        if not cfg.data.val_path:
-            raise TrainingError("eval.online_probe=true needs data.val_path (the split the probe is scored on)")
-        # Its own generator: the model's initialization and the data see the same random stream.
-        return OnlineProbe(self.model.feat_dim, self.loader.num_classes, device=self.device, lr=cfg.eval.online_probe_lr,
-                           momentum=cfg.optim.momentum, seed=cfg.train.seed, dist_info=self.dist, capture=capture)
-
-    def _score_probe(self) -> dict[str, float]:
-        """The online probe on this rank's shard of the val split, counts summed over ranks."""
-        assert self.probe is not None
-        res = self.probe.evaluate(self.model.backbone, self._eval_loader("val"), mean=self.cfg.aug.mean,
-                                  std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist)
-        self.logger.log({"event": "online_probe", "epoch": self.epoch, "step": self.step,
-                         **{f"probe_{k}": v for k, v in res.items()}})
-        if self.dist.is_main:
-            log.info("online probe (epoch %d): top1 %.2f, top5 %.2f", self.epoch, res["top1"], res["top5"])
-        return res
-
     def _knn(self, label: str) -> dict[str, float]:
-        """The kNN monitor on data.val_path: every rank extracts its shard of the bank and of
-        the queries (:func:`fastsiam.evaluate.knn_evaluate`), so the ranks share the work and
-        none waits at a barrier while one extracts everything."""
-        from fastsiam.evaluate import knn_evaluate
-
-        if not self.cfg.data.val_path:
-            raise TrainingError("eval.knn_every > 0 needs data.val_path (the split to classify)")
-        res = knn_evaluate(  # in eval mode, restored after
-            self.model, self._eval_loader("bank"), self._eval_loader("val"), k=self.cfg.eval.knn_k,
-            temperature=self.cfg.eval.knn_temperature, device=self.device,
-            mean=self.cfg.aug.mean, std=self.cfg.aug.std, amp=self.cfg.train.amp, info=self.dist,
-        )
+        res = self.monitors.knn(label, epoch=self.epoch, step=self.step, logger=self.logger)
         self._knn_step = self.step
-        self.logger.log({"event": "knn", "label": label, "epoch": self.epoch, "step": self.step,
-                         **{f"knn_{k}": v for k, v in res.items()}})
-        if self.dist.is_main:
-            log.info("kNN (%s): %s", label, ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
         return res
 
     def _prepare_work_dir(self) -> None:

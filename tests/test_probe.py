@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from test_trainer import records, toy_overrides, train
 
 from fastsiam.checkpoint import load_checkpoint
-from fastsiam.config import load_config
+from fastsiam.config import ConfigError, load_config
 from fastsiam.data import build_loader
 from fastsiam.evaluate import normalize_view
 from fastsiam.model import SimSiam
 from fastsiam.probe import INIT_STD, OnlineProbe
-from fastsiam.trainer import Trainer, TrainingError
+from fastsiam.trainer import Trainer
 
 
 def test_probe_update_is_torch_sgd_on_cross_entropy() -> None:
@@ -110,7 +110,7 @@ def test_probe_is_on_where_the_data_has_labels_and_a_val_split(toy_imagenet: Pat
     assert built(**{"data.val_path": ""}).probe is None
     assert built(**{"data.backend": "synthetic", "data.options.num_samples": 32}).probe is None
     assert built(**{"eval.online_probe": False}).probe is None
-    with pytest.raises(TrainingError, match=r"eval.online_probe=true needs data.val_path"):
+    with pytest.raises(ConfigError, match=r"eval.online_probe=true needs data.val_path"):
         built(**{"data.val_path": "", "eval.online_probe": True})
 
 

@@ -213,7 +213,7 @@ def test_plot_command_writes_pngs(toy_imagenet: Path, tmp_path: Path) -> None:
     train(toy_imagenet, wd, **{"train.epochs": 1})
     assert main(["plot", str(wd)]) == 0
     pngs = sorted(p.name for p in (wd / "plots").glob("*.png"))
-    assert pngs == ["images_per_s.png", "loss.png", "lr.png", "z_std.png"]
+    assert pngs == ["images_per_s.png", "loss.png", "lr.png", "probe_loss.png", "probe_top1.png", "z_std.png"]
     assert all((wd / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
