@@ -151,7 +151,7 @@ def _convert(module: str, folder: Path, out: Path, workers: int) -> Path:
     """Run a data_prep converter with its defaults unless ``out`` already exists."""
     import importlib
 
-    from data_prep.sources import list_image_folder
+    from data_prep.listing import list_image_folder
 
     if not out.exists():
         converter = importlib.import_module(f"data_prep.{module}")

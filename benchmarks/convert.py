@@ -41,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._data import STYLE_NAMES, STYLE_SIDES, make_toy, repeat_folder
 from benchmarks._harness import BenchmarkReport, Measurement, measure
 from data_prep import to_dali, to_ffcv
-from data_prep.sources import decode_image, list_image_folder, parallel_map, read_file
+from data_prep.images import decode_image, read_file
+from data_prep.listing import list_image_folder
+from data_prep.parallel import parallel_map
 
 
 def decode_only(path: str) -> int:
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             writer = DatasetWriter(str(tmp / "stock.beton"), {"image": field, "label": IntField()},
                                    num_workers=w)
             # tqdm's monitor thread, which ffcv's bar would start, outlives the run and makes every
-            # later worker pool in this process spawn instead of fork (sources.start_method).
+            # later worker pool in this process spawn instead of fork (data_prep.parallel.start_method).
             with contextlib.redirect_stderr(io.StringIO()), to_ffcv._no_tqdm_monitor():
                 writer.from_indexed_dataset(_PilImages(items), chunksize=100)
 

@@ -201,7 +201,7 @@ def prepare(
     if data.shards is not None:
         paths["shards"] = data.shards
     if "beton" in formats:
-        from data_prep.sources import list_image_folder
+        from data_prep.listing import list_image_folder
         from data_prep.to_ffcv import convert
 
         beton = cache / f"{data.imagefolder.name}_{args.beton}.beton"

@@ -51,34 +51,28 @@ if __package__ in (None, ""):  # run as a script: make the `data_prep` package i
 
 from PIL import Image
 
-from data_prep.sources import (
-    VERIFY_MIN_PSNR,
-    BadFileError,
-    BadImage,
-    ConversionError,
+from data_prep.converter import (
     DefaultsHelpFormatter,
-    Item,
-    Skipped,
-    Source,
     add_source_arguments,
     check_options,
-    decode_image,
-    injected_delay,
     make_readable,
     nothing_decodable,
-    os_error_reason,
     output_lock,
-    parallel_map,
-    progress,
+    source_from_args,
+)
+from data_prep.errors import BadFileError, ConversionError, os_error_reason
+from data_prep.images import (
+    VERIFY_MIN_PSNR,
+    BadImage,
+    decode_image,
     psnr,
     read_file,
-    shown,
-    skipped_line,
-    source_from_args,
     to_rgb,
     verify_indices,
-    write_classes,
 )
+from data_prep.listing import Item, Source, write_classes
+from data_prep.parallel import injected_delay, parallel_map, progress
+from data_prep.reports import Skipped, shown, skipped_line
 
 # fastsiam.data.shards is imported inside functions: `fastsiam.data` imports torch, which
 # spawned workers (they re-import this module) should not pay for.
@@ -220,7 +214,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, shard_size: int | No
     the images written, in sample order).
 
     Args:
-        source: the listed input (:mod:`data_prep.sources`).
+        source: the listed input (:mod:`data_prep.listing`).
         out: the output folder; it appears only when complete.
         shard_size: samples per shard (default 2000 unless ``shard_bytes`` is set).
         shard_bytes: maximum tar size instead (a single larger sample gets its own shard).

@@ -58,37 +58,31 @@ if __package__ in (None, ""):  # run as a script: make the `data_prep` package i
 
 import numpy as np
 
-from data_prep.sources import (
-    VERIFY_MIN_PSNR,
-    BadFileError,
-    BadImage,
-    ConversionError,
+from data_prep.converter import (
     DefaultsHelpFormatter,
-    Item,
-    Skipped,
-    Source,
     add_source_arguments,
-    check_image,
     check_options,
-    classes_json,
-    decode_image,
-    injected_delay,
     make_readable,
     nothing_decodable,
-    os_error_reason,
     output_lock,
-    parallel_map,
+    source_from_args,
+)
+from data_prep.errors import BadFileError, ConversionError, os_error_reason
+from data_prep.images import (
+    VERIFY_MIN_PSNR,
+    BadImage,
+    check_image,
+    decode_image,
     probe_image,
-    progress,
     psnr,
     read_file,
     read_header,
-    shown,
-    skipped_line,
-    source_from_args,
     to_rgb,
     verify_indices,
 )
+from data_prep.listing import Item, Source, classes_json
+from data_prep.parallel import injected_delay, parallel_map, progress
+from data_prep.reports import Skipped, shown, skipped_line
 from fastsiam.data.beton import side_file
 from fastsiam.files import remove_partials
 
@@ -376,7 +370,7 @@ def convert(source: Source, out: str | os.PathLike[str], *, max_resolution: int 
     the images written, in sample order).
 
     Args:
-        source: the listed input (:mod:`data_prep.sources`).
+        source: the listed input (:mod:`data_prep.listing`).
         out: the ``.beton`` path; it appears only when complete.
         max_resolution: longest side in the file (None: keep sizes).
         write_mode: ffcv's ``raw``, ``jpg``, ``smart`` or ``proportion``.

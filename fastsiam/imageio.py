@@ -3,7 +3,7 @@
 PIL's ``convert("RGB")`` clips instead of rescaling: a 16-bit grey of 25700 (39 %) becomes 255
 and a float 0.5 becomes 0, so a 16-bit PNG or a float TIFF would reach the model as a
 saturated, almost binary image. :func:`to_rgb` rescales by the mode's range instead. It is the
-one rule for the converters (``data_prep/sources.py`` wraps it), the loaders and inference.
+one rule for the converters (``data_prep/images.py`` wraps it), the loaders and inference.
 """
 
 from __future__ import annotations

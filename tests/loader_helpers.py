@@ -34,7 +34,7 @@ def folder_images(folder: Path) -> tuple[list[torch.Tensor], list[int]]:
 
 def write_beton(folder: Path, out: Path) -> Path:
     """An all-JPEG .beton of an ImageFolder (256 px), by data_prep/to_ffcv.py."""
-    from data_prep.sources import list_image_folder
+    from data_prep.listing import list_image_folder
     from data_prep.to_ffcv import convert
 
     convert(list_image_folder(folder), out, write_mode="jpg", max_resolution=256, quiet=True)
@@ -43,7 +43,7 @@ def write_beton(folder: Path, out: Path) -> Path:
 
 def write_shards(folder: Path, out: Path, shard_size: int = 16) -> Path:
     """Tar shards + DALI index files of an ImageFolder, by data_prep/to_dali.py."""
-    from data_prep.sources import list_image_folder
+    from data_prep.listing import list_image_folder
     from data_prep.to_dali import convert
 
     convert(list_image_folder(folder), out, shard_size=shard_size, quiet=True)

@@ -79,8 +79,8 @@ def test_ffcv_kernels_take_raw_samples_undecoded() -> None:
 
 def test_beton_images_are_the_stored_samples(tmp_path: Path) -> None:
     pytest.importorskip("ffcv")
+    from data_prep.listing import list_image_folder
     from data_prep.make_toy_imagenet import make_toy_imagenet
-    from data_prep.sources import list_image_folder
     from data_prep.to_ffcv import convert
 
     # Sources under --max-resolution: a raw sample is its source's pixels, a JPEG sample a

@@ -12,7 +12,8 @@ from PIL import Image
 
 from data_prep import to_ffcv
 from data_prep.dead_leaves import paint_dead_leaves
-from data_prep.sources import decode_image, list_image_folder, read_file, to_rgb
+from data_prep.images import decode_image, read_file, to_rgb
+from data_prep.listing import list_image_folder
 
 pytest.importorskip("ffcv", reason="ffcv is not installed")
 cv2 = pytest.importorskip("cv2")

@@ -28,18 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.sources import (
-    TEST_DELAY_ENV,
-    BadImage,
-    Skipped,
-    check_image,
-    decode_image,
-    list_image_folder,
-    load_rgb,
-    read_file,
-    read_skip_report,
-    to_rgb,
-)
+from data_prep.images import BadImage, check_image, decode_image, load_rgb, read_file, to_rgb
+from data_prep.listing import list_image_folder
+from data_prep.parallel import TEST_DELAY_ENV
+from data_prep.reports import Skipped, read_skip_report
 from tests.hostile_helpers import small_disk
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""data_prep/sources.py: input listing (vs torchvision ImageFolder), labels files, image checks."""
+"""data_prep.listing (vs torchvision ImageFolder, labels files), data_prep.images (the checks), data_prep.parallel."""
 
 from __future__ import annotations
 
@@ -11,19 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.sources import (
-    ConversionError,
-    check_image,
+from data_prep.errors import ConversionError
+from data_prep.images import check_image, psnr, verify_indices
+from data_prep.listing import (
     list_file_list,
     list_flat_folder,
     list_image_folder,
-    parallel_map,
-    psnr,
     read_classes,
-    start_method,
-    verify_indices,
     write_classes,
 )
+from data_prep.parallel import parallel_map, start_method
 from tests.convert_data import EMPTY_CLASS, plant_bad_files
 
 

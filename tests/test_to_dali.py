@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.sources import TEST_DELAY_ENV, VERIFY_MIN_PSNR, ConversionError, psnr
+from data_prep.errors import ConversionError
+from data_prep.images import VERIFY_MIN_PSNR, psnr
+from data_prep.parallel import TEST_DELAY_ENV
 from data_prep.to_dali import main
 from fastsiam.data.shards import ShardReader, read_manifest
 from tests.convert_data import EMPTY_CLASS, imagefolder_reference, plant_bad_files, quirk_paths
@@ -154,7 +156,7 @@ def test_dali_reads_and_decodes_every_sample(bad_tree, converted):
         ref = np.asarray(Image.open(path).convert("RGB"))
         assert psnr(np.asarray(images.at(i)), ref) >= VERIFY_MIN_PSNR
 
-    from data_prep.sources import Item
+    from data_prep.listing import Item
 
     items = [Item(p, os.path.relpath(p, bad_tree[0]), y) for p, y in expected]
     result = verify(out, items, samples=64)

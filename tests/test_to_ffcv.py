@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.sources import TEST_DELAY_ENV, VERIFY_MIN_PSNR, psnr
+from data_prep.images import VERIFY_MIN_PSNR, psnr
+from data_prep.parallel import TEST_DELAY_ENV
 from data_prep.to_ffcv import main
 from tests.convert_data import imagefolder_reference, plant_bad_files
 
