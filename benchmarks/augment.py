@@ -3,7 +3,7 @@
 On a GPU: milliseconds per batch of 2 x B views (default 2 x 256 at 224 px) for the whole
 module, eagerly and replayed as a CUDA graph (the way the training step runs it), and the
 share of each stage. The goal is <= 5% of a training step at the same batch (about 3.5 ms on
-an H100 at 3,600 images/s). Beside the default (the fused ColorJitter kernels of
+an H100 at 3,600 images/s). Beside the default (the fused colour kernels of
 fastsiam.augment.fused) the same rows for the plain torch ops (``fused_color=False``), and with
 --compile (default on cuda) for ``SimSiamAugment(compile=True)``. ``--count`` counts kernels and
 bytes of both on fake CUDA instead (no GPU needed), and of the step before it on a GPU, the
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._data import imagenet_crop_batch
 from benchmarks._harness import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
-from fastsiam.augment import SimSiamAugment
+from fastsiam.augment import SimSiamAugment, fused
 from fastsiam.data import TwoViewBatch
 
 
@@ -52,10 +52,14 @@ def stages(aug: SimSiamAugment, batch: TwoViewBatch) -> dict[str, Callable[[], A
     p = aug.sample_params(views.shape[0], device)
     x = aug._to_planar(views, p)
     consts = aug._constants(device)
+    plain = {"flip_to_float": lambda: aug._to_planar(views, p), "color_jitter": lambda: aug._color_jitter(x, p)}
+    if aug._use_fused(views):  # what the module runs instead of those two
+        params = fused.pixel_params(p.flip, p.jitter, p.order, p.factors)
+        plain = {"fused_flip_to_float_and_jitter":
+                 lambda: fused.color_pixels(views, params, aug._working_dtype(device), contrast=aug.contrast > 0)}
     return {
         "sample_params": lambda: aug.sample_params(views.shape[0], device),
-        "flip_to_float": lambda: aug._to_planar(views, p),
-        "color_jitter": lambda: aug._color_jitter(x, p),
+        **plain,
         "jitter_and_blur": lambda: aug._jitter_and_blur(views, p),
         "whole_pipeline": lambda: aug._pipeline(views, p, consts),
     }

@@ -27,7 +27,7 @@
 #   stage          limit + grace  Q  what
 #   env              10 +  5      Q  python, torch, GPU, commit; no CUDA: stop (exit 2)
 #   capture-tests    45 +  5      Q  pytest -m cuda -k "cuda_graph or fused": the real CUDA-graph
-#                                    captures, the jiterator kernels against the plain ops and
+#                                    captures, the fused colour kernels against the plain ops and
 #                                    the NVRTC crop-resize kernel against torchvision
 #                                    (the fake-CUDA tests are CPU work: CI runs them)
 #   step-headline    50 +  5      Q  step.py --only +cuda_graph,+augmentation,reference (the

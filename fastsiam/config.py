@@ -87,9 +87,9 @@ class AugConfig:
     solarize_threshold: float = setting(0.5, min=0.0, max=1.0)
     mean: list[float] = setting(list(IMAGENET_MEAN), length=3)
     std: list[float] = setting(list(IMAGENET_STD), length=3, min=1e-6)
-    fused_color: bool = setting(True, help="on CUDA: each ColorJitter slot (and the hue) as one runtime-compiled "
-                               "elementwise kernel (torch.cuda.jiterator), checked against the plain ops at "
-                               "first use; false: the plain torch ops (same results within rounding)")
+    fused_color: bool = setting(True, help="on CUDA: the flip, the uint8 conversion and ColorJitter as two "
+                               "runtime-compiled kernels (torch.cuda._compile_kernel), checked against the "
+                               "plain ops at first use; false: the plain torch ops (same results within rounding)")
 
 
 @dataclass

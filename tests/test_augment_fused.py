@@ -1,6 +1,6 @@
-"""The fused ColorJitter kernels (fastsiam.augment.fused): their C++ source compiled on the host
-and run against the plain ops and torchvision, the schedule that calls them, the check that
-guards them, their fake-CUDA traffic, and (with a GPU) the jiterator kernels themselves."""
+"""The fused colour kernels (fastsiam.augment.fused): their C++ source compiled on the host and
+run against torchvision per sample and the plain ops, the Python side that launches them, the
+check that guards them, their fake-CUDA traffic, and (with a GPU) the NVRTC build itself."""
 
 from __future__ import annotations
 
@@ -16,263 +16,252 @@ from test_augment import RECIPES, TOL_HUE, all_orders_params, images, reference_
 from fastsiam.augment import SimSiamAugment, fused
 from fastsiam.augment import functional as AF
 
+# The grids as host loops: one call per CUDA kernel, each iteration one thread's (or one
+# block's) work; the block's shared-memory sum becomes a plain loop.
 HARNESS = """
-#include <math.h>
-{sources}
-extern "C" void slot(long n, const float* r, const float* g, const float* b, const float* chan,
-                     const float* alpha, const float* beta, const float* gamma, float* out) {{
-  for (long i = 0; i < n; ++i)
-    out[i] = fastsiam_color_slot<float>(r[i], g[i], b[i], chan[i], alpha[i], beta[i], gamma[i]);
+#define FASTSIAM_DEVICE
+{source}
+extern "C" void contrast_partial(const unsigned char* img, const float* params, float* partial, int n, int h, int w,
+                                 const int* st, int blocks, int threads) {{
+  long long hw = (long long)h * w;
+  for (long long i = 0; i < n; ++i)
+    for (int blk = 0; blk < blocks; ++blk) {{
+      float s = 0.0f;
+      for (long long px = (long long)blk * threads; px < hw; px += (long long)blocks * threads)
+        for (long long q = px; q < px + threads && q < hw; ++q) s += fs_pre_contrast_luma(img, params, i, q, w, st);
+      partial[i * blocks + blk] = s;
+    }}
 }}
-extern "C" void slot_hue(long n, const float* r, const float* g, const float* b, const float* chan,
-                         const float* alpha, const float* beta, const float* gamma, const float* shift,
-                         float* out) {{
-  for (long i = 0; i < n; ++i)
-    out[i] = fastsiam_color_slot_hue<float>(r[i], g[i], b[i], chan[i], alpha[i], beta[i], gamma[i], shift[i]);
+extern "C" void color_pixels(const unsigned char* img, const float* params, void* out, int half, int n, int h, int w,
+                             const int* st) {{
+  long long hw = (long long)h * w;
+  for (long long t = 0; t < (long long)n * hw; ++t) {{
+    float rgb[3];
+    fs_color_pixel(img, params, t, h, w, st, rgb);
+    long long i = t / hw, pixel = t - i * hw;
+    for (int c = 0; c < 3; ++c) {{
+      long long at = i * 3 * hw + c * hw + pixel;
+      if (half) ((unsigned short*)out)[at] = fs_half_bits(rgb[c]);
+      else ((float*)out)[at] = rgb[c];
+    }}
+  }}
+}}
+extern "C" void half_bits(const float* v, unsigned short* out, long long n) {{
+  for (long long i = 0; i < n; ++i) out[i] = fs_half_bits(v[i]);
 }}
 """
 
 
 @pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    """The kernels' own source text, compiled for the host with T = float: the loop over
-    elements stands in for jiterator's grid, each call is one thread's work."""
+def host(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler on this machine (scripts/setup.sh installs g++)")
     d = tmp_path_factory.mktemp("fused")
-    src = d / "kernels.cpp"
-    src.write_text(HARNESS.format(sources=fused.SLOT_SOURCE + fused.SLOT_HUE_SOURCE))
-    lib = d / "kernels.so"
+    src, lib = d / "fused.cpp", d / "fused.so"
+    src.write_text(HARNESS.format(source=fused.PIXEL_SOURCE))
     subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
                    capture_output=True, text=True)
     return ctypes.CDLL(str(lib))
 
 
-def run_host(lib: ctypes.CDLL, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-             gamma: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """The host-compiled kernel over ``[N, 3, H, W]`` with the inputs broadcast as jiterator
-    broadcasts them: channel planes over C, the channel index over N, H, W, parameters per N."""
-    n, _c, h, w = x.shape
-    shape = (n, 3, h, w)
-
-    def full(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(np.broadcast_to(t.float().numpy(), shape), dtype=np.float32)
-
-    planes = [full(x[:, i:i + 1]) for i in range(3)]
-    chan = full(torch.arange(3.0).view(1, 3, 1, 1))
-    params = [full(p.view(-1, 1, 1, 1)) for p in (alpha, beta, gamma) + ((shift,) if shift is not None else ())]
-    out = np.empty(shape, dtype=np.float32)
-    ptr = [a.ctypes.data_as(ctypes.c_void_p) for a in [*planes, chan, *params, out]]
-    (lib.slot_hue if shift is not None else lib.slot)(ctypes.c_long(out.size), *ptr)
-    return torch.from_numpy(out)
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
 
 
-def slot_params(n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Brightness, saturation, contrast and identity slots over factors that clamp, and hue
-    shifts up to half a turn either way."""
-    g = torch.Generator().manual_seed(seed)
-    f = torch.rand(n, generator=g) * 1.6 + 0.2
-    kind = torch.arange(n) % 4                      # 0 brightness, 1 saturation, 2 contrast, 3 identity
-    alpha = torch.where(kind == 3, 1.0, f)
-    beta = torch.where(kind == 1, 1.0 - f, 0.0)
-    gamma = torch.where(kind == 2, (1.0 - f) * torch.rand(n, generator=g), 0.0)
-    shift = torch.rand(n, generator=g) - 0.5
-    shift[::5] = 0.0
-    return alpha, beta, gamma, shift
-
-
-@pytest.mark.parametrize("with_hue", [False, True])
-def test_kernel_source_on_the_host_equals_the_plain_ops(host_kernels: ctypes.CDLL, with_hue: bool) -> None:
-    x = images(24, h=10, w=12, seed=4)
-    alpha, beta, gamma, shift = slot_params(24, seed=1)
-    hue = shift if with_hue else None
-    got = run_host(host_kernels, x, alpha, beta, gamma, hue)
-    want = fused.reference_slot(x, alpha, beta, gamma, hue)
-    # float32 on both sides: only the order of the operations differs
-    assert (got - want).abs().max() <= (fused.tolerance(torch.float32) if with_hue else 1e-6)
-    assert (got - want).abs().mean() <= 1e-6
-    identity = (alpha == 1) & (beta == 0) & (gamma == 0)
-    if not with_hue:  # an identity slot returns the sample bit for bit
-        assert torch.equal(got[identity], x[identity])
-
-
-def test_jiterator_reads_each_kernels_entry_point() -> None:
-    """jiterator's own parser (pure Python, no GPU) finds the entry functions the launches
-    name, with one T parameter per tensor the wrapper passes (7 without the hue, 8 with)."""
-    from torch.cuda.jiterator import _CodeParser
-
-    for source, name, arity in ((fused.SLOT_SOURCE, "fastsiam_color_slot", 7),
-                                (fused.SLOT_HUE_SOURCE, "fastsiam_color_slot_hue", 8)):
-        parsed = _CodeParser(source)
-        assert (parsed.function_name, parsed.return_type, parsed.template_params) == (name, "T", "<typename T>")
-        assert parsed.function_params.count("T ") == arity
-
-
-def test_kernel_source_hue_matches_torchvision(host_kernels: ctypes.CDLL) -> None:
-    from torchvision.transforms.v2 import functional as TF
-
-    x = images(12, h=8, w=9, seed=7)
-    ones, zeros = torch.ones(12), torch.zeros(12)
-    shift = torch.linspace(-0.5, 0.5, 12)
-    got = run_host(host_kernels, x, ones, zeros, zeros, shift)
-    want = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(12)])
-    assert (got - want).abs().max() <= TOL_HUE
-
-
-def test_the_cuda_wrapper_feeds_the_kernel_as_jiterator_would(host_kernels: ctypes.CDLL,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA kernel's Python side on the CPU: jiterator replaced by a launcher that
-    broadcasts its inputs as TensorIterator does and runs the host-compiled kernel, so the
-    planes, the channel index and the per-sample parameters must reach it in order."""
-    from torch.cuda import jiterator
-
-    def create(source: str):
-        entry = host_kernels.slot_hue if "fastsiam_color_slot_hue" in source else host_kernels.slot
-
-        def launch(*tensors: torch.Tensor) -> torch.Tensor:
-            shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-            arrays = [np.ascontiguousarray(np.broadcast_to(t.float().numpy(), shape), dtype=np.float32)
-                      for t in tensors]
-            out = np.empty(shape, dtype=np.float32)
-            entry(ctypes.c_long(out.size), *[a.ctypes.data_as(ctypes.c_void_p) for a in [*arrays, out]])
-            return torch.from_numpy(out)
-
+def host_launcher(lib: ctypes.CDLL):
+    """A stand-in for ``fused._kernel``: the host build over the arguments the CUDA launch gets."""
+    def kernel(device: torch.device, name: str):
+        def launch(grid, block, args):
+            views, params, out, n, h, w, *st = args
+            strides = (ctypes.c_int * 4)(*st)
+            if name == "fastsiam_contrast_partial":
+                assert grid == (fused.PARTIAL_BLOCKS, n, 1) and block == (fused.THREADS, 1, 1)
+                lib.contrast_partial(_ptr(views), _ptr(params), _ptr(out), n, h, w, strides, grid[0], block[0])
+            else:
+                assert grid[0] * block[0] >= n * h * w
+                lib.color_pixels(_ptr(views), _ptr(params), _ptr(out), int(name.endswith("f16")), n, h, w, strides)
         return launch
 
-    monkeypatch.setattr(jiterator, "_create_jit_fn", create)
-    monkeypatch.setattr(fused, "_KERNELS", {})
-    monkeypatch.setattr(fused, "_CHANNELS", {})
-    x = images(12, h=9, w=11, seed=8)
-    alpha, beta, gamma, shift = slot_params(12, seed=6)
-    for hue in (None, shift):
-        got = fused._color_slot_cuda(x, alpha, beta, gamma, hue)
-        want = fused.reference_slot(x, alpha, beta, gamma, hue)
-        assert got.shape == x.shape and got.is_contiguous()
-        assert (got - want).abs().max() <= (fused.tolerance(torch.float32) if hue is not None else 1e-6)
-
-
-def test_the_check_accepts_a_correct_half_precision_kernel(host_kernels: ctypes.CDLL,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first-use check on float16, with the kernel as the GPU runs it (float32 inside, one
-    rounding out): it must pass, although the plain float16 ops are further from float32 than
-    the kernel is (compared with those, as it first was, it would always fall back)."""
-    def slot(x, alpha, beta, gamma, shift=None):
-        hue = None if shift is None else shift.float()
-        return run_host(host_kernels, x.float(), alpha.float(), beta.float(), gamma.float(), hue).to(x.dtype)
-
-    monkeypatch.setattr(fused, "color_slot", slot)
-    monkeypatch.setattr(fused, "_WORKS", {})
-    x = images(4).half()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert fused.fused_color_works(x)
-    alpha, beta, gamma, shift = (p.half() for p in slot_params(24, seed=3))
-    xs = images(24, h=16, w=16, seed=9).half()
-    kernel = slot(xs, alpha, beta, gamma, shift).float()
-    plain = fused.reference_slot(xs, alpha, beta, gamma, shift).float()
-    want = fused.reference_slot(xs.float(), alpha.float(), beta.float(), gamma.float(), shift.float())
-    assert (kernel - want).abs().max() <= fused.tolerance(torch.float16) < (plain - want).abs().max()
+    return kernel
 
 
 @pytest.fixture
-def host_fused(host_kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SimSiamAugment on the CPU through the fused schedule, each slot the host-compiled kernel."""
-    def slot(x, alpha, beta, gamma, shift=None):
-        fused._check(x, alpha, beta, gamma, shift)
-        return run_host(host_kernels, x, alpha, beta, gamma, shift)
+def host_fused(host: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimSiamAugment on the CPU through the fused path, its kernels the host build."""
+    monkeypatch.setattr(fused, "_kernel", host_launcher(host))
+    monkeypatch.setattr(SimSiamAugment, "_use_fused", lambda self, img: img.dtype == torch.uint8)
 
-    monkeypatch.setattr(fused, "color_slot", slot)
-    monkeypatch.setattr(SimSiamAugment, "_use_fused", lambda self, x: True)
+
+def u8(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """uint8 views with the cases HSV and clamping care about (test_augment's images)."""
+    return (images(n, h=h, w=w, seed=seed) * 255).round().to(torch.uint8)
 
 
 @pytest.mark.parametrize("config", RECIPES)
-def test_fused_schedule_matches_torchvision_for_every_jitter_order(host_fused: None, config: dict) -> None:
+def test_fused_pipeline_matches_torchvision_for_every_jitter_order(host_fused: None, config: dict) -> None:
+    """Each of the 24 ColorJitter orders twice, flips, greys, blurs (and solarize's place),
+    every recipe's enabled and disabled ops: each sample as torchvision's v2 ops give it."""
     aug = SimSiamAugment(**config)
     p = all_orders_params(aug, "cpu")
-    x = images(48, h=24, w=24, seed=5)
+    x = u8(48, 24, 24, seed=5)
     got = AF.normalize(aug.apply(x, p), aug.mean, aug.std)
-    want = torch.stack([reference_view(x[i], p, i, aug) for i in range(48)])
+    want = torch.stack([reference_view(x[i].float() / 255, p, i, aug) for i in range(48)])
     assert (got - want).abs().max() <= TOL_HUE
     assert (got - want).abs().mean() <= 1e-5
 
 
-def test_the_switch_and_the_device_choose_the_path() -> None:
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_kernels_equal_the_plain_ops(host_fused: None, channels_last: bool, dtype: torch.dtype) -> None:
+    """The flip, the conversion and ColorJitter against the plain ops in float32 on the same
+    draws, views in either layout: within the kernels' tolerance (one rounding to ``dtype``)."""
+    aug = SimSiamAugment(hue=0.5)
+    x = u8(40, 17, 23, seed=2)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    p = aug.sample_params(40, generator=torch.Generator().manual_seed(4))
+    want = aug._color_jitter(aug._to_planar(x, p), p)
+    got = fused.color_pixels(x, fused.pixel_params(p.flip, p.jitter, p.order, p.factors), dtype)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    assert (got.float() - want).abs().max() <= fused.tolerance(dtype)
+
+
+def test_the_half_rounding_is_torchs(host: ctypes.CDLL) -> None:
+    """float -> float16 bits, round to nearest even, on every kind of value the colours take:
+    exact ties, float16's subnormals, values just around 1 and between every level."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([1 + 2**-11, 1 - 2**-12, 2**-14 + 2**-25, 2**-24, 2**-25, 3 * 2**-25], dtype=torch.float32)
+    v = torch.cat([torch.rand(100_000, generator=g), torch.rand(20_000, generator=g) * 2**-13,
+                   torch.arange(256) / 255.0, ties, torch.tensor([0.0, 1.0, 2**-30])])
+    out = np.empty(len(v), dtype=np.uint16)
+    host.half_bits(_ptr(v), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(len(v)))
+    assert np.array_equal(out, v.half().view(torch.int16).numpy().view(np.uint16))
+
+
+def test_the_contrast_mean_is_the_image_before_its_contrast(host_fused: None) -> None:
+    """The first kernel's partial sums: per sample, the luma of the image after the ops its
+    order runs before the contrast, summed (0 for samples without ColorJitter)."""
+    aug = SimSiamAugment()
+    x = u8(24, 13, 19, seed=3)
+    p = aug.sample_params(24, generator=torch.Generator().manual_seed(8))
+    params = fused.pixel_params(p.flip, p.jitter, p.order, p.factors)
+    mean = torch.ops.fastsiam.contrast_partial(x, params).sum(dim=1) / (13 * 19)
+    from torchvision.transforms.v2 import functional as TF
+
+    ops = {0: TF.adjust_brightness, 2: TF.adjust_saturation, 3: TF.adjust_hue}
+    for i in range(24):
+        img = x[i].float() / 255
+        if p.jitter[i]:
+            for op in p.order[i].tolist():
+                if op == 1:
+                    break
+                img = ops[op](img, float(p.factors[i, op]))
+        want = TF.rgb_to_grayscale(img).mean() if p.jitter[i] else torch.tensor(0.0)
+        assert abs(float(mean[i]) - float(want)) <= 1e-5, (i, float(mean[i]), float(want))
+
+
+def test_the_switch_the_device_and_the_dtype_choose_the_path() -> None:
     from fastsiam.testing.fake_cuda import fake_cuda
 
-    assert not SimSiamAugment()._use_fused(torch.rand(2, 3, 4, 4))  # the CPU keeps the plain ops
+    assert not SimSiamAugment()._use_fused(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))  # the CPU
     with fake_cuda():
-        x = torch.empty(2, 3, 4, 4, device="cuda")
-        assert SimSiamAugment()._use_fused(x)
+        x = torch.empty(2, 3, 4, 4, dtype=torch.uint8, device="cuda")
+        assert SimSiamAugment(out_dtype=torch.bfloat16)._use_fused(x)       # float16 working dtype
+        assert SimSiamAugment()._use_fused(x)                               # float32
+        assert not SimSiamAugment(compute_dtype=torch.bfloat16)._use_fused(x)
         assert not SimSiamAugment(fused_color=False)._use_fused(x)
         assert not SimSiamAugment(compile=True)._use_fused(x)
+        assert not SimSiamAugment()._use_fused(x.float())                   # already floating
 
 
-def test_the_check_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+def test_the_check_accepts_the_kernels_and_falls_back_with_one_warning(host: ctypes.CDLL,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fused, "_kernel", host_launcher(host))
+    for dtype in (torch.float32, torch.float16):  # float16: one rounding, within tolerance
+        monkeypatch.setattr(fused, "_WORKS", {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.fused_color_works(cpu, dtype)
+
+    def off(device, name):
+        right = host_launcher(host)(device, name)
+
+        def launch(grid, block, args):
+            right(grid, block, args)
+            if name.startswith("fastsiam_color_pixels"):
+                args[2].mul_(0.5)
+        return launch
+
     monkeypatch.setattr(fused, "_WORKS", {})
-    assert fused.fused_color_works(x)  # the CPU op is the reference itself: agrees
-    monkeypatch.setattr(fused, "_WORKS", {})
-    monkeypatch.setattr(fused, "color_slot", lambda x, *a: x * 0.5)
+    monkeypatch.setattr(fused, "_kernel", off)
     with pytest.warns(RuntimeWarning, match=r"differ from the plain ops in float32 by .*using the plain torch ops"):
-        assert not fused.fused_color_works(x)
-    assert not fused.fused_color_works(x)  # cached: checked once, warned once
+        assert not fused.fused_color_works(cpu, torch.float32)
+    assert not fused.fused_color_works(cpu, torch.float32)  # cached: checked once, warned once
 
-    def broken(*a):
+    def broken(device, name):
         raise RuntimeError("nvrtc: error: identifier is undefined\nmore")
 
     monkeypatch.setattr(fused, "_WORKS", {})
-    monkeypatch.setattr(fused, "color_slot", broken)
+    monkeypatch.setattr(fused, "_kernel", broken)
     with pytest.warns(RuntimeWarning, match=r"failed: RuntimeError: nvrtc: error: identifier is undefined;"):
-        assert not fused.fused_color_works(x)
+        assert not fused.fused_color_works(cpu, torch.float32)
+    with pytest.raises(RuntimeError, match="fastsiam's fused colour kernels run on CUDA only, got cpu"):
+        monkeypatch.undo()
+        fused._kernel(cpu, "fastsiam_color_pixels_f32")
 
 
-def test_the_op_refuses_mismatched_parameters() -> None:
-    x = torch.rand(2, 3, 4, 4)
-    ok = torch.ones(2)
-    with pytest.raises(ValueError, match=r"alpha must be \[2\] in torch.float32, got torch.float64 \[2\]"):
-        fused.color_slot(x, ok.double(), ok, ok)
-    with pytest.raises(ValueError, match=r"expected float images \[N, 3, H, W\]"):
-        fused.color_slot(x[:, :2], ok, ok, ok)
+def test_the_op_refuses_what_the_kernels_cannot_read() -> None:
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    ok = torch.zeros(2, fused.PARAM_COLUMNS)
+    with pytest.raises(ValueError, match=r"expected uint8 views \[N, 3, H, W\]"):
+        fused.color_pixels(x.float(), ok, torch.float32)
+    with pytest.raises(ValueError, match=r"params must be float32 \[2, 11\], got torch.float64"):
+        fused.color_pixels(x, ok.double(), torch.float32)
+    with pytest.raises(ValueError, match=r"dtype must be float32 or float16"):
+        fused.color_pixels(x, ok, torch.bfloat16)
 
 
 def test_fused_call_traffic_on_fake_cuda() -> None:
-    """The issue's goal for the default path: 2 x 256 views at 224 px, bf16 out, <= 80 kernels
-    and <= 6 GB per call (the plain ops: 103 and 10.6 GB), and nothing that breaks capture."""
+    """The issue's goals for the default path (2 x 256 views at 224 px, bf16 out: <= 80 kernels,
+    <= 6 GB; the plain ops 103 and 10.6 GB) and nothing that breaks capture: 38 kernels, 1.94 GB,
+    of which the two fused kernels 0.31 GB (the uint8 batch read twice, the float16 one written)."""
     from benchmarks.augment import count
 
-    fused_row = count(256, 224, torch.bfloat16, 3.35e12).rows[0]
-    plain_row = count(256, 224, torch.bfloat16, 3.35e12, fused_color=False).rows[0]
-    assert fused_row["kernels"] <= 80 and fused_row["device_bytes"] <= 6e9, fused_row
-    assert plain_row["kernels"] > fused_row["kernels"] and plain_row["device_bytes"] > 2 * fused_row["device_bytes"]
+    report = count(256, 224, torch.bfloat16, 3.35e12)
+    rows = {r["variant"]: r for r in report.rows}
+    call = rows["simsiam_augment (one call)"]
+    assert call["kernels"] <= 40 and call["device_bytes"] <= 2.0e9, call
+    views = 2 * 256 * 3 * 224 * 224
+    assert rows["in fused.py:color_pixels"]["device_bytes"] <= 2 * views + 2 * views + 1e6
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_fused_kernels_equal_the_plain_ops(dtype: torch.dtype) -> None:
-    x = images(24, h=40, w=36, seed=2, device="cuda").to(dtype)
-    params = [p.to("cuda", dtype) for p in slot_params(24, seed=3)]
-    for hue in (None, params[3]):
-        got = fused.color_slot(x, *params[:3], hue).float()
-        want = fused.reference_slot(x.float(), *(p.float() for p in params[:3]),
-                                    None if hue is None else hue.float())
-        assert (got - want).abs().max() <= fused.tolerance(dtype), (dtype, hue is None)
-    assert fused.fused_color_works(x)
+    assert fused.fused_color_works(torch.device("cuda", torch.cuda.current_device()), dtype)
+    aug = SimSiamAugment(hue=0.5)
+    x = u8(64, 40, 36, seed=2).contiguous(memory_format=torch.channels_last)
+    p = aug.sample_params(64, generator=torch.Generator().manual_seed(4))
+    want = aug._color_jitter(aug._to_planar(x, p), p)
+    pc = p._replace(**{f: getattr(p, f).cuda() for f in ("flip", "jitter", "order", "factors")})
+    got = fused.color_pixels(x.cuda(), fused.pixel_params(pc.flip, pc.jitter, pc.order, pc.factors), dtype)
+    assert (got.float().cpu() - want).abs().max() <= fused.tolerance(dtype)
 
 
 @pytest.mark.cuda
 def test_cuda_fused_pipeline_equals_the_plain_pipeline_and_captures() -> None:
     from fastsiam.data import TwoViewBatch
 
-    u8 = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device="cuda")
-    batch = TwoViewBatch.from_pair(u8, u8.flip(0), torch.zeros(16, device="cuda"))
+    views = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    batch = TwoViewBatch.from_pair(views, views.flip(0), torch.zeros(16, device="cuda"))
     g = torch.Generator(device="cuda")
     aug = SimSiamAugment(out_dtype=torch.bfloat16)
     a = aug(batch, g.manual_seed(5))
     b = SimSiamAugment(out_dtype=torch.bfloat16, fused_color=False)(batch, g.manual_seed(5))
-    assert aug._use_fused(u8.half())
+    assert aug._use_fused(views)
     for fa, pb in zip(a, b):
         assert (fa.float() - pb.float()).abs().max() <= 2.5 / 255 / 0.225  # the fp16 path's bound
     graph = torch.cuda.CUDAGraph()

@@ -1,208 +1,333 @@
-"""ColorJitter's slots as runtime-compiled CUDA kernels: one read and one write of the batch each.
+"""Flip, uint8 -> [0, 1] and the whole ColorJitter as two runtime-compiled CUDA kernels.
 
-In eager torch one ColorJitter slot of :class:`~fastsiam.augment.SimSiamAugment` is a batched
-GEMM and a clamp (two reads and two writes of the batch) and the hue rotation is about twenty
-plane-sized passes, because no eager kernel clamps its own output or does the HSV arithmetic in
-one go. Here a slot, ``clamp(alpha x + beta luma(x) + gamma, 0, 1)`` per pixel with per-sample
-``alpha``, ``beta``, ``gamma`` (brightness, saturation and contrast are all of this form), is one
-elementwise kernel, and the last slot before the hue carries the hue rotation in the same
-kernel. The kernels are compiled at first use by ``torch.cuda.jiterator`` (NVRTC inside
-libtorch: no Triton, no nvcc, no ``torch.compile``), so they run in a captured CUDA graph
-like any other elementwise kernel.
+In eager torch :class:`~fastsiam.augment.SimSiamAugment`'s colour stage is a pass over the
+batch per op: the flip, the conversion to floating point, each jitter slot's colour matrix and
+clamp, each slot's mean luma for the contrast, the hue's arithmetic. Here one thread computes
+one output pixel straight from the uint8 crop: it reads the pixel (mirrored when the sample
+flips), applies the sample's four ColorJitter ops in the sample's own order, each clamped to
+[0, 1] as torchvision clamps them, in float32, and writes the three planar values once in the
+working dtype (float32, or float16 rounded to nearest even). The contrast's blend target, the
+mean luma of the image *as it is when the contrast comes*, is one number per sample, so a first
+kernel computes it from the uint8 crop the same way (each thread the ops before the contrast on
+a few pixels, a block's sum in shared memory, one partial sum per block; the partials are added
+by torch, in a fixed order). The device reads the uint8 batch twice and writes the planar batch
+once, where the slot-by-slot path moved about 3 GB for 2 x 256 views at 224 px.
+
+The arithmetic per op is torchvision's: brightness ``clamp(f x)``, contrast
+``clamp(f x + (1 - f) mean)``, saturation ``clamp(f x + (1 - f) luma(x))`` (luma ITU-R 601-2,
+as its grayscale), hue the closed form of :func:`fastsiam.augment.functional.adjust_hue`. A
+disabled op has its identity parameters (factor 1, shift 0), which leave every value as it was.
 
 Contract:
 
-- :func:`color_slot` is a ``torch.library`` custom op, ``fastsiam::color_slot``: on CUDA the
-  jiterator kernel, elsewhere :func:`reference_slot`, the plain-torch twin (the ops the eager
-  path runs); under ``FakeTensorMode`` one kernel that reads ``x`` and writes its result, which
-  is what the fake-CUDA traffic counter sees.
-- The kernels' source (:data:`SLOT_SOURCE`, :data:`SLOT_HUE_SOURCE`) is plain C++ on one
-  pixel: tests/test_augment_fused.py compiles the same text with the host's C++ compiler and
-  checks it against :func:`reference_slot` on the CPU; a ``@pytest.mark.cuda`` test checks the
-  jiterator kernels against it on a GPU.
-- :func:`fused_color_works` compiles and checks the kernels once per device and dtype, on a
-  small batch, before they are used; a failure (no NVRTC, a compile error, a mismatch) is one
-  warning, and the augmentation keeps the plain ops. Call it (the augmentation's first call
-  does) before any CUDA graph capture, as that warm-up needs a host sync.
-
-An elementwise kernel sees one element of each input, and its output is the broadcast shape:
-the kernel writes ``[N, 3, H, W]`` (one thread per output value) from the three channel planes
-of ``x`` (``[N, 1, H, W]`` views, broadcast over the channel dimension), a ``[1, 3, 1, 1]``
-channel index and the ``[N, 1, 1, 1]`` per-sample parameters, and computes the whole pixel for
-the channel it writes (the three channels of a pixel read the same input values, so the
-recomputation costs arithmetic, not memory traffic).
+- :func:`color_pixels` (``fastsiam::color_pixels`` and ``fastsiam::contrast_partial``,
+  ``torch.library`` custom ops whose fake kernels the fake-CUDA traffic counter sees) takes the
+  uint8 ``[N, 3, H, W]`` views (any strides) and the ``[N, PARAM_COLUMNS]`` float32 parameters
+  of :func:`pixel_params` and returns the planar ``[N, 3, H, W]`` batch in [0, 1].
+- :data:`PIXEL_SOURCE` is plain C++: tests/test_augment_fused.py compiles the same text with the
+  host's C++ compiler and checks it against the plain ops and torchvision per sample; a
+  ``@pytest.mark.cuda`` test checks the NVRTC build on a GPU.
+- :func:`fused_color_works` compiles (``torch.cuda._compile_kernel``, NVRTC inside libtorch:
+  no nvcc, no Triton, no ``torch.compile``) and checks the kernels once per device and dtype on a
+  small batch against the plain ops; a failure is one warning, and the augmentation keeps the
+  plain ops. Call it (the augmentation's first call does) before any CUDA graph capture.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-from fastsiam.augment import functional as AF
+__all__ = ["PARAM_COLUMNS", "PIXEL_SOURCE", "color_pixels", "fused_color_works", "pixel_params", "tolerance"]
 
-__all__ = ["SLOT_HUE_SOURCE", "SLOT_SOURCE", "color_slot", "fused_color_works", "reference_slot"]
+# Per sample: flip, jitter, the 4 ops' order (op indices as floats), the 4 factors (brightness,
+# contrast, saturation, hue shift), the contrast's mean luma (filled by the first kernel).
+PARAM_COLUMNS = 11
+MEAN_COLUMN = 10
+THREADS = 256
+PARTIAL_BLOCKS = 16  # partial sums per sample in the contrast's reduction
 
-# One slot: clamp(alpha x + beta luma + gamma, 0, 1), the output channel `chan` of the pixel.
-# Arithmetic in float whatever T is (float16 in the default CUDA path): one rounding per output.
-SLOT_SOURCE = """
-template <typename T> T fastsiam_color_slot(T r_, T g_, T b_, T chan_, T alpha_, T beta_, T gamma_) {
-  float r = r_, g = g_, b = b_, alpha = alpha_, beta = beta_, gamma = gamma_;
-  float luma = 0.2989f * r + 0.587f * g + 0.114f * b;
-  float c = chan_;
-  float x = c < 0.5f ? r : (c < 1.5f ? g : b);
-  float y = alpha * x + beta * luma + gamma;
-  y = y < 0.0f ? 0.0f : (y > 1.0f ? 1.0f : y);
-  return T(y);
-}
-"""
+# The per-pixel arithmetic, host-compilable; FASTSIAM_DEVICE is __device__ under NVRTC and empty
+# on the host. Ops: 0 brightness, 1 contrast, 2 saturation, 3 hue (torchvision's fn_idx).
+PIXEL_SOURCE = """
+FASTSIAM_DEVICE inline float fs_clamp01(float v) { return v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v); }
 
-# A slot, then the hue rotation by `shift` turns, as fastsiam.augment.functional.adjust_hue's
-# closed form: every output channel is max - span * w(k), k = (n + 6 shift + 6 h) mod 6.
-SLOT_HUE_SOURCE = """
-template <typename T> T fastsiam_color_slot_hue(T r_, T g_, T b_, T chan_, T alpha_, T beta_, T gamma_, T shift_) {
-  float r = r_, g = g_, b = b_, alpha = alpha_, beta = beta_, gamma = gamma_;
-  float luma = 0.2989f * r + 0.587f * g + 0.114f * b;
-  r = alpha * r + beta * luma + gamma;
-  g = alpha * g + beta * luma + gamma;
-  b = alpha * b + beta * luma + gamma;
-  r = r < 0.0f ? 0.0f : (r > 1.0f ? 1.0f : r);
-  g = g < 0.0f ? 0.0f : (g > 1.0f ? 1.0f : g);
-  b = b < 0.0f ? 0.0f : (b > 1.0f ? 1.0f : b);
-  float mx = r > g ? (r > b ? r : b) : (g > b ? g : b);
-  float mn = r < g ? (r < b ? r : b) : (g < b ? g : b);
-  float span = mx - mn;
-  float num = mx == r ? g - b : (mx == g ? (b - r) + 2.0f * span : (r - g) + 4.0f * span);
-  float c = chan_;
-  float n = c < 0.5f ? 5.0f : (c < 1.5f ? 3.0f : 1.0f);
-  float shift = shift_;
+FASTSIAM_DEVICE inline float fs_luma(float r, float g, float b) { return 0.2989f * r + 0.587f * g + 0.114f * b; }
+
+/* adjust_hue's closed form: channel n (5 red, 3 green, 1 blue) is max - span * w(k),
+   k = (n + 6 shift + num / span) mod 6, w = min(clamp(4 - k, 0, 1), k). */
+FASTSIAM_DEVICE inline float fs_hue_channel(float n, float shift, float mx, float span, float num) {
   float k = (n + 6.0f * shift) + num / (span > 1.17549435e-38f ? span : 1.17549435e-38f);
-  k = fmodf(k, 6.0f);
-  k = k < 0.0f ? k + 6.0f : k;
+  while (k >= 6.0f) k -= 6.0f;  /* fmodf, for the range k takes here (-3..13): exact */
+  if (k < 0.0f) k += 6.0f;
   float w = 4.0f - k;
   w = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
   w = w < k ? w : k;
-  return T(mx - span * w);
+  return mx - span * w;
+}
+
+FASTSIAM_DEVICE inline void fs_hue(float* r, float* g, float* b, float shift) {
+  float mx = *r > *g ? (*r > *b ? *r : *b) : (*g > *b ? *g : *b);
+  float mn = *r < *g ? (*r < *b ? *r : *b) : (*g < *b ? *g : *b);
+  float span = mx - mn;
+  float num = mx == *r ? *g - *b : (mx == *g ? (*b - *r) + 2.0f * span : (*r - *g) + 4.0f * span);
+  float r2 = fs_hue_channel(5.0f, shift, mx, span, num);
+  float g2 = fs_hue_channel(3.0f, shift, mx, span, num);
+  *b = fs_hue_channel(1.0f, shift, mx, span, num);
+  *r = r2;
+  *g = g2;
+}
+
+/* One ColorJitter op on one pixel, with the sample's parameters p (PARAM_COLUMNS floats). */
+FASTSIAM_DEVICE inline void fs_jitter_op(int op, const float* p, float* r, float* g, float* b) {
+  if (op == 0) {
+    float f = p[6];
+    *r = fs_clamp01(f * *r); *g = fs_clamp01(f * *g); *b = fs_clamp01(f * *b);
+  } else if (op == 1) {
+    float f = p[7], m = (1.0f - f) * p[10];
+    *r = fs_clamp01(f * *r + m); *g = fs_clamp01(f * *g + m); *b = fs_clamp01(f * *b + m);
+  } else if (op == 2) {
+    float f = p[8], m = (1.0f - f) * fs_luma(*r, *g, *b);
+    *r = fs_clamp01(f * *r + m); *g = fs_clamp01(f * *g + m); *b = fs_clamp01(f * *b + m);
+  } else if (p[9] != 0.0f) {
+    fs_hue(r, g, b, p[9]);
+  }
+}
+
+/* Pixel t (sample i, row y, column x) of the uint8 views, mirrored where the sample flips,
+   as floats in [0, 1] (torchvision's to_dtype(scale=True): v / 255). */
+FASTSIAM_DEVICE inline void fs_read(const unsigned char* img, const float* p, long long i, long long y, long long x,
+                                    int w, const int* st, float* r, float* g, float* b) {
+  long long xs = p[0] != 0.0f ? (long long)w - 1 - x : x;
+  const unsigned char* q = img + i * st[0] + y * st[2] + xs * st[3];
+  *r = (float)q[0] / 255.0f;
+  *g = (float)q[st[1]] / 255.0f;
+  *b = (float)q[2 * st[1]] / 255.0f;
+}
+
+/* The luma of pixel (i, pixel) as the contrast sees it: after the ops its sample runs before
+   the contrast (0 where the sample runs no jitter: its mean is not used). */
+FASTSIAM_DEVICE inline float fs_pre_contrast_luma(const unsigned char* img, const float* params, long long i,
+                                                  long long pixel, int w, const int* st) {
+  const float* p = params + i * 11;
+  if (p[1] == 0.0f) return 0.0f;
+  float r, g, b;
+  fs_read(img, p, i, pixel / w, pixel % w, w, st, &r, &g, &b);
+  for (int k = 0; k < 4; ++k) {
+    int op = (int)p[2 + k];
+    if (op == 1) break;
+    fs_jitter_op(op, p, &r, &g, &b);
+  }
+  return fs_luma(r, g, b);
+}
+
+/* Output pixel t of [n, 3, h, w]: read, every op of the sample in its order, three planar values. */
+FASTSIAM_DEVICE inline void fs_color_pixel(const unsigned char* img, const float* params, long long t, int h, int w,
+                                           const int* st, float* rgb) {
+  long long hw = (long long)h * w;
+  long long i = t / hw, pixel = t - i * hw;
+  const float* p = params + i * 11;
+  float r, g, b;
+  fs_read(img, p, i, pixel / w, pixel % w, w, st, &r, &g, &b);
+  if (p[1] != 0.0f)
+    for (int k = 0; k < 4; ++k) fs_jitter_op((int)p[2 + k], p, &r, &g, &b);
+  rgb[0] = r; rgb[1] = g; rgb[2] = b;
+}
+
+/* float -> IEEE half bits, round to nearest even (the colours are finite and >= 0). */
+FASTSIAM_DEVICE inline unsigned short fs_half_bits(float v) {
+  union { float f; unsigned int u; } c;
+  c.f = v;
+  unsigned int x = c.u, sign = (x >> 16) & 0x8000u, mant = x & 0x7fffffu;
+  int e = (int)((x >> 23) & 0xffu) - 127 + 15;
+  if (e >= 31) return (unsigned short)(sign | 0x7c00u);
+  if (e <= 0) {
+    if (e < -10) return (unsigned short)sign;
+    mant |= 0x800000u;
+    unsigned int s = (unsigned int)(14 - e), half = mant >> s, rem = mant & ((1u << s) - 1u), mid = 1u << (s - 1u);
+    if (rem > mid || (rem == mid && (half & 1u))) half += 1u;
+    return (unsigned short)(sign | half);
+  }
+  unsigned int half = sign | ((unsigned int)e << 10) | (mant >> 13), rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) half += 1u;
+  return (unsigned short)half;
 }
 """
 
-_KERNELS: dict[bool, object] = {}              # with_hue -> jiterator function (created lazily)
-_CHANNELS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+KERNEL_SOURCE = "#define FASTSIAM_DEVICE __device__\n" + PIXEL_SOURCE + """
+extern "C" __global__ void fastsiam_contrast_partial(const unsigned char* img, const float* params, float* partial,
+                                                    int n, int h, int w, int s0, int s1, int s2, int s3) {
+  __shared__ float sums[256];
+  int st[4] = {s0, s1, s2, s3};
+  long long i = blockIdx.y, hw = (long long)h * w;
+  float s = 0.0f;
+  for (long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x; pixel < hw;
+       pixel += (long long)gridDim.x * blockDim.x)
+    s += fs_pre_contrast_luma(img, params, i, pixel, w, st);
+  sums[threadIdx.x] = s;
+  __syncthreads();
+  for (unsigned int half = blockDim.x / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[i * gridDim.x + blockIdx.x] = sums[0];
+}
+
+extern "C" __global__ void fastsiam_color_pixels_f32(const unsigned char* img, const float* params, float* out,
+                                                    int n, int h, int w, int s0, int s1, int s2, int s3) {
+  int st[4] = {s0, s1, s2, s3};
+  long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x, hw = (long long)h * w;
+  if (t >= (long long)n * hw) return;
+  float rgb[3];
+  fs_color_pixel(img, params, t, h, w, st, rgb);
+  long long i = t / hw, pixel = t - i * hw;
+  float* o = out + i * 3 * hw + pixel;
+  o[0] = rgb[0]; o[hw] = rgb[1]; o[2 * hw] = rgb[2];
+}
+
+extern "C" __global__ void fastsiam_color_pixels_f16(const unsigned char* img, const float* params,
+                                                    unsigned short* out, int n, int h, int w, int s0, int s1,
+                                                    int s2, int s3) {
+  int st[4] = {s0, s1, s2, s3};
+  long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x, hw = (long long)h * w;
+  if (t >= (long long)n * hw) return;
+  float rgb[3];
+  fs_color_pixel(img, params, t, h, w, st, rgb);
+  long long i = t / hw, pixel = t - i * hw;
+  unsigned short* o = out + i * 3 * hw + pixel;
+  o[0] = fs_half_bits(rgb[0]); o[hw] = fs_half_bits(rgb[1]); o[2 * hw] = fs_half_bits(rgb[2]);
+}
+"""
+
+OUT_KERNELS = {torch.float32: "fastsiam_color_pixels_f32", torch.float16: "fastsiam_color_pixels_f16"}
+_KERNELS: dict[tuple[torch.device, str], Callable[..., None]] = {}
 _WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def reference_slot(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None) -> Tensor:
-    """The plain-torch twin: one colour matrix ``alpha I + beta luma`` and offset ``gamma`` per
-    sample, clamped (:func:`~fastsiam.augment.functional.color_matrix`), then the hue rotation
-    by ``shift`` turns when given."""
-    eye = torch.eye(3, dtype=x.dtype, device=x.device)
-    luma = torch.tensor([list(AF.LUMA)] * 3, dtype=x.dtype, device=x.device)
-    matrices = alpha.view(-1, 1, 1) * eye + beta.view(-1, 1, 1) * luma
-    out = AF.color_matrix(x.contiguous(), matrices, gamma.view(-1, 1))
-    return out if shift is None else AF.adjust_hue(out, shift)
+def pixel_params(flip: Tensor, jitter: Tensor, order: Tensor, factors: Tensor) -> Tensor:
+    """``[N, PARAM_COLUMNS]`` float32 for the kernels, from :class:`~fastsiam.augment.AugParams`'
+    fields (the mean column 0 until the first kernel fills it)."""
+    cols = [flip.float().unsqueeze(1), jitter.float().unsqueeze(1), order.float(), factors.float(),
+            factors.new_zeros(factors.shape[0], 1, dtype=torch.float32)]
+    return torch.cat(cols, dim=1)
 
 
-def _check(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None) -> None:
-    if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
-        raise ValueError(f"color_slot: expected float images [N, 3, H, W], got {x.dtype} {list(x.shape)}")
-    for name, p in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("shift", shift)):
-        if p is not None and (p.shape != (x.shape[0],) or p.dtype != x.dtype):
-            raise ValueError(f"color_slot: {name} must be [{x.shape[0]}] in {x.dtype}, got {p.dtype} {list(p.shape)}")
+def color_pixels(views: Tensor, params: Tensor, dtype: torch.dtype, *, contrast: bool = True) -> Tensor:
+    """Flip, scale to [0, 1] and ColorJitter the uint8 ``views`` ``[N, 3, H, W]`` with ``params``
+    (:func:`pixel_params`): planar ``[N, 3, H, W]`` in ``dtype`` (float32 or float16).
+    ``contrast=False`` (the recipe has none) skips the mean's kernel."""
+    if views.dtype != torch.uint8 or views.dim() != 4 or views.shape[1] != 3:
+        raise ValueError(f"color_pixels: expected uint8 views [N, 3, H, W], got {views.dtype} {list(views.shape)}")
+    if params.shape != (views.shape[0], PARAM_COLUMNS) or params.dtype != torch.float32:
+        raise ValueError(f"color_pixels: params must be float32 [{views.shape[0]}, {PARAM_COLUMNS}], "
+                         f"got {params.dtype} {list(params.shape)}")
+    if dtype not in OUT_KERNELS:
+        raise ValueError(f"color_pixels: dtype must be float32 or float16, got {dtype}")
+    if contrast:
+        partial = torch.ops.fastsiam.contrast_partial(views, params.contiguous())
+        mean = partial.sum(dim=1, keepdim=True) * (1.0 / (views.shape[2] * views.shape[3]))
+        params = torch.cat([params[:, :MEAN_COLUMN], mean], dim=1)
+    return torch.ops.fastsiam.color_pixels(views, params.contiguous(), dtype == torch.float16)
 
 
-@torch.library.custom_op("fastsiam::color_slot", mutates_args=())
-def color_slot(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None = None) -> Tensor:
-    """``clamp(alpha x + beta luma(x) + gamma, 0, 1)`` per sample, then the hue rotation by
-    ``shift`` turns when given: planar ``[N, 3, H, W]`` in [0, 1] in, a new planar tensor out.
-
-    ``alpha``, ``beta``, ``gamma`` and ``shift`` are ``[N]`` in ``x``'s dtype. Brightness ``f`` is
-    ``(f, 0, 0)``, saturation ``(f, 1 - f, 0)``, contrast ``(f, 0, (1 - f) mean_luma)``, and
-    ``(1, 0, 0)`` leaves a sample unchanged bit for bit. On CUDA one jiterator kernel; on any
-    other device :func:`reference_slot`.
-    """
-    _check(x, alpha, beta, gamma, shift)
-    return reference_slot(x, alpha, beta, gamma, shift)
+def _grid(views: Tensor) -> tuple[int, int, int, list[int]]:
+    n, _, h, w = views.shape
+    return n, h, w, list(views.stride())
 
 
-@color_slot.register_kernel("cuda")
-def _color_slot_cuda(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None = None) -> Tensor:
-    _check(x, alpha, beta, gamma, shift)
-    params = [alpha, beta, gamma] if shift is None else [alpha, beta, gamma, shift]
-    with_hue = shift is not None
-    kernel = _KERNELS.get(with_hue)
-    if kernel is None:
-        from torch.cuda import jiterator  # created on first use: it records CUDA's availability
-
-        kernel = jiterator._create_jit_fn(SLOT_HUE_SOURCE if with_hue else SLOT_SOURCE)
-        _KERNELS[with_hue] = kernel
-    key = (x.device, x.dtype)
-    chan = _CHANNELS.get(key)
-    if chan is None:
-        chan = _CHANNELS[key] = torch.arange(3, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    per_sample = [p.view(-1, 1, 1, 1) for p in params]
-    out = kernel(x[:, 0:1], x[:, 1:2], x[:, 2:3], chan, *per_sample)  # type: ignore[operator]
-    # Broadcasting these shapes gives a planar result; the next slot's GEMV of the mean luma
-    # and the blur rely on it, so any other layout is made planar here rather than there.
-    return out if out.is_contiguous() else out.contiguous()
+@torch.library.custom_op("fastsiam::contrast_partial", mutates_args=())
+def _contrast_partial(views: Tensor, params: Tensor) -> Tensor:
+    n, h, w, st = _grid(views)
+    partial = torch.empty((n, PARTIAL_BLOCKS), dtype=torch.float32, device=views.device)
+    if n:
+        _kernel(views.device, "fastsiam_contrast_partial")(
+            grid=(PARTIAL_BLOCKS, n, 1), block=(THREADS, 1, 1), args=[views, params, partial, n, h, w, *st])
+    return partial
 
 
-@color_slot.register_fake
-def _color_slot_fake(x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, shift: Tensor | None = None) -> Tensor:
-    _check(x, alpha, beta, gamma, shift)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+@_contrast_partial.register_fake
+def _contrast_partial_fake(views: Tensor, params: Tensor) -> Tensor:
+    return torch.empty((views.shape[0], PARTIAL_BLOCKS), dtype=torch.float32, device=views.device)
+
+
+@torch.library.custom_op("fastsiam::color_pixels", mutates_args=())
+def _color_pixels(views: Tensor, params: Tensor, half: bool) -> Tensor:
+    n, h, w, st = _grid(views)
+    dtype = torch.float16 if half else torch.float32
+    out = torch.empty((n, 3, h, w), dtype=dtype, device=views.device)
+    if n:
+        _kernel(views.device, OUT_KERNELS[dtype])(
+            grid=((n * h * w + THREADS - 1) // THREADS, 1, 1), block=(THREADS, 1, 1),
+            args=[views, params, out, n, h, w, *st])
+    return out
+
+
+@_color_pixels.register_fake
+def _color_pixels_fake(views: Tensor, params: Tensor, half: bool) -> Tensor:
+    n, _, h, w = views.shape
+    return torch.empty((n, 3, h, w), dtype=torch.float16 if half else torch.float32, device=views.device)
+
+
+def _kernel(device: torch.device, name: str) -> Callable[..., None]:
+    """The launcher of kernel ``name`` on ``device``, compiled for it at first use (a compiled
+    module belongs to its device, so each launch makes that device current)."""
+    if device.type != "cuda":
+        raise RuntimeError(f"fastsiam's fused colour kernels run on CUDA only, got {device}")
+    key = (device, name)
+    if key not in _KERNELS:
+        with torch.cuda.device(device):
+            compiled = torch.cuda._compile_kernel(KERNEL_SOURCE, name)
+
+        def launch(**launch_args: object) -> None:
+            with torch.cuda.device(device):
+                compiled(**launch_args)
+
+        _KERNELS[key] = launch
+    return _KERNELS[key]
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    """Largest difference allowed between the kernels in ``dtype`` and :func:`reference_slot` in
-    float32 on the same inputs: the kernels compute in float32 and round once, to ``dtype``
-    (half an ulp at 1.0, so one ``eps`` bounds it); float32 leaves only the order of the
-    operations (measured <= 1e-6, the hue's division included).
-
-    Not the plain ops in ``dtype``: those round after every op, and in float16 drift up to
-    7e-3 from float32 through the hue (2 x 256 random pixels), more than the kernels do.
-    """
+    """Largest difference allowed between the kernels' output in ``dtype`` and the plain ops in
+    float32 on the same input: the kernels compute in float32 and round once, to ``dtype`` (half
+    an ulp at 1.0, so one ``eps`` bounds it); in float32 only the order of the operations and the
+    contrast mean's summation differ (measured <= 2e-6, the hue's division included)."""
     return torch.finfo(dtype).eps if torch.finfo(dtype).bits == 16 else 1e-5
 
 
-def fused_color_works(like: Tensor) -> bool:
-    """Whether :func:`color_slot`'s CUDA kernels compile and agree with :func:`reference_slot`
-    in float32 on ``like``'s device, within :func:`tolerance` of its dtype (checked once, on a
-    small random batch; cached).
+def fused_color_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels compile on ``device`` and agree with the plain ops in float32 within
+    :func:`tolerance` of ``dtype`` (checked once per device and dtype on a small batch, every
+    jitter order among its samples; cached). False with one warning when not, so the caller
+    keeps the plain ops. Under fake CUDA (the traffic counter) they are counted, not run: true."""
+    from fastsiam.augment.simsiam import SimSiamAugment
 
-    False with one warning when they do not, so the caller keeps the plain ops. A fake tensor
-    (the traffic counter) counts the kernels without running them: true for it.
-    """
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(like):
+    if is_fake(torch.empty(0, device=device)):
         return True
-    device, dtype = like.device, like.dtype
     key = (device, dtype)
     if key in _WORKS:
         return _WORKS[key]
-    g = torch.Generator(device=device).manual_seed(0)
-    n = 16
-    x = torch.rand(n, 3, 8, 8, generator=g, device=device).to(dtype)
-    alpha = (torch.rand(n, generator=g, device=device) * 0.8 + 0.6).to(dtype)
-    beta = ((1 - alpha.float()) * (torch.rand(n, generator=g, device=device) < 0.5)).to(dtype)
-    gamma = (torch.rand(n, generator=g, device=device) * 0.4 - 0.2).to(dtype)
-    shift = (torch.rand(n, generator=g, device=device) * 0.2 - 0.1).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 256, (48, 3, 9, 11), generator=g, dtype=torch.uint8)
+    aug = SimSiamAugment(hue=0.5)  # every op on, the hue's whole range
+    p = aug.sample_params(48, generator=g)
     reason = None
     try:
-        for hue in (None, shift):
-            got = color_slot(x, alpha, beta, gamma, hue).float()
-            want = reference_slot(*(t.float() for t in (x, alpha, beta, gamma)),
-                                  None if hue is None else hue.float())
-            err = (got - want).abs().max().item()
-            if not err <= tolerance(dtype):
-                reason = f"differ from the plain ops in float32 by {err:.3g} (allowed {tolerance(dtype):.3g})"
-                break
-    except Exception as exc:  # no NVRTC, a compile error, an unsupported dtype: keep the plain ops
+        want = aug._color_jitter(aug._to_planar(views, p), p)  # the plain ops, float32, on the CPU
+        dev = p._replace(**{f: getattr(p, f).to(device) for f in ("flip", "jitter", "order", "factors")})
+        params = pixel_params(dev.flip, dev.jitter, dev.order, dev.factors)
+        got = color_pixels(views.to(device), params, dtype).float().cpu()
+        err = (got - want).abs().max().item()
+        if not err <= tolerance(dtype):
+            reason = f"differ from the plain ops in float32 by {err:.3g} (allowed {tolerance(dtype):.3g})"
+    except Exception as exc:  # no _compile_kernel, no NVRTC, a compile error: keep the plain ops
         reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     _WORKS[key] = reason is None
     if reason is not None:
-        warnings.warn(f"fastsiam: the fused ColorJitter kernels (torch.cuda.jiterator) on {device} in "
+        warnings.warn(f"fastsiam: the fused colour kernels (torch.cuda._compile_kernel) on {device} in "
                       f"{dtype} {reason}; using the plain torch ops (aug.fused_color: false silences this)",
                       RuntimeWarning, stacklevel=2)
     return _WORKS[key]

@@ -40,10 +40,10 @@ Design choices:
   clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma,
   and the hue rotation ~20 plane-sized passes: 2 x 256 views at 224 px, bf16 out, count 103
   kernels and 10.6 GB (``benchmarks/augment.py --count``, fake CUDA). On CUDA, by default
-  (``fused_color``), each slot is one runtime-compiled elementwise kernel that reads and
-  writes the batch once, the hue inside the last slot before it
-  (:mod:`fastsiam.augment.fused`): 75 kernels, 4.8 GB, the rest being the six mean-luma
-  reads, the blur and the final GEMM. ``compile=True`` hands the ops (not the random draws)
+  (``fused_color``), the flip, the conversion and the whole ColorJitter (every sample's ops
+  in its own order) are two runtime-compiled kernels that read the uint8 batch twice and write
+  the planar batch once (:mod:`fastsiam.augment.fused`): 38 kernels, 1.94 GB, the rest being
+  the blur (1.0 GB) and the final GEMM and cast. ``compile=True`` hands the ops (not the random draws)
   to ``torch.compile`` instead, which fuses the elementwise chains; benchmarks/augment.py
   measures all three.
 - Random numbers. A batch whose loader carried them (``TwoViewBatch.draws``: per seed, epoch,
@@ -150,11 +150,12 @@ class SimSiamAugment(nn.Module):
         compile: run the ops (not the random draws, which keep the given generator) through
             ``torch.compile``, which fuses the elementwise chains into a few kernels. Eager
             mode makes one pass over the batch per op, and the colour ops are memory bound.
-        fused_color: on CUDA, run each ColorJitter slot (and the hue with the last slot before
-            it) as one runtime-compiled elementwise kernel (:mod:`fastsiam.augment.fused`,
-            ``torch.cuda.jiterator``) instead of a GEMM, a clamp and the hue's ~20 passes;
-            checked against the plain ops at first use, which stay in use (with a warning)
-            if the check fails. No effect on the CPU or with ``compile``.
+        fused_color: on CUDA, run the flip, the conversion of the uint8 views and the whole
+            ColorJitter as two runtime-compiled kernels (:mod:`fastsiam.augment.fused`,
+            ``torch.cuda._compile_kernel``) instead of a pass per op; checked against the
+            plain ops at first use, which stay in use (with a warning) if the check fails.
+            No effect on the CPU, on floating input, with ``compile`` or a bfloat16
+            ``compute_dtype``.
     """
 
     # The recipe, as checked against AugConfig (set in __init__ by name).
@@ -340,9 +341,13 @@ class SimSiamAugment(nn.Module):
         """Flip, ColorJitter, blur. Grayscale is a per-pixel colour map and the blur a per-plane
         filter with a kernel that sums to 1, so the two commute: grayscale comes after the blur,
         where it can join the normalization in one GEMM (:meth:`_pipeline`)."""
-        x = self._to_planar(img, params)
-        if self._jitter_on:
-            x = self._color_jitter(x, params)
+        if self._use_fused(img):  # flip, the conversion and ColorJitter in one pass (module doc)
+            x = fused.color_pixels(img, fused.pixel_params(params.flip, params.jitter, params.order, params.factors),
+                                   self._working_dtype(img.device), contrast=self.contrast > 0)
+        else:
+            x = self._to_planar(img, params)
+            if self._jitter_on:
+                x = self._color_jitter(x, params)
         if self.blur_p > 0:
             kernels = torch.where(params.blur.unsqueeze(1),
                                   AF.gaussian_kernels(params.sigma, self.blur_kernel_size, x.dtype),
@@ -398,8 +403,6 @@ class SimSiamAugment(nn.Module):
         toward_luma = None if sat is None else (1.0 - factor) * sat  # [S, N]
         mean_weight = None if con is None else (1.0 - factor) * con  # [S, N]
         shift = torch.where(params.jitter, params.factors[:, HUE], 0.0).to(x.dtype) if self._hue_on else None
-        if self._use_fused(x):
-            return self._fused_jitter(x, factor, toward_luma, mean_weight, shift, m)
         t = self._typed(x.device, x.dtype)
         matrices = factor.view(*factor.shape, 1, 1) * t["eye"]                            # [S, N, 3, 3]
         if toward_luma is not None:
@@ -415,25 +418,15 @@ class SimSiamAugment(nn.Module):
             x = AF.adjust_hue(x, shift)
         return x
 
-    def _use_fused(self, x: Tensor) -> bool:
-        """The fused kernels run on CUDA, when switched on and not under ``compile`` (which
-        fuses the plain ops itself), once :func:`~fastsiam.augment.fused.fused_color_works`."""
-        return (self.fused_color and self._compiled is None and x.device.type == "cuda"
-                and fused.fused_color_works(x))
-
-    def _fused_jitter(self, x: Tensor, factor: Tensor, toward_luma: Tensor | None,
-                      mean_weight: Tensor | None, shift: Tensor | None, m: int) -> Tensor:
-        """The same schedule as one :func:`~fastsiam.augment.fused.color_slot` kernel per slot:
-        slot ``s`` is ``(factor[s], toward_luma[s], mean_weight[s] x mean luma)``, and the hue
-        runs inside the last slot before it (slot ``m - 1``)."""
-        zeros = factor.new_zeros(factor.shape[1])
-        if m == 0:  # the hue alone, after an identity slot
-            return fused.color_slot(x, torch.ones_like(zeros), zeros, zeros, shift)
-        for step in range(factor.shape[0]):
-            beta = zeros if toward_luma is None else toward_luma[step]
-            gamma = zeros if mean_weight is None else torch.mul(mean_weight[step], self._mean_luma(x))
-            x = fused.color_slot(x, factor[step], beta, gamma, shift if step == m - 1 else None)
-        return x
+    def _use_fused(self, img: Tensor) -> bool:
+        """The fused kernels take uint8 views on CUDA, when switched on and not under ``compile``
+        (which fuses the plain ops itself), once :func:`~fastsiam.augment.fused.fused_color_works`
+        for the working dtype (float32 or float16; bfloat16 stays on the plain ops)."""
+        if not (self.fused_color and self._compiled is None and img.device.type == "cuda"
+                and img.dtype == torch.uint8):
+            return False
+        dtype = self._working_dtype(img.device)
+        return dtype in fused.OUT_KERNELS and fused.fused_color_works(img.device, dtype)
 
     def _mean_luma(self, x: Tensor) -> Tensor:
         """``[N]``: each image's mean luma, as one GEMV of the planar batch (one read)."""
