@@ -87,8 +87,8 @@ class AugConfig:
     solarize_threshold: float = setting(0.5, min=0.0, max=1.0)
     mean: list[float] = setting(list(IMAGENET_MEAN), length=3)
     std: list[float] = setting(list(IMAGENET_STD), length=3, min=1e-6)
-    fused_color: bool = setting(True, help="on CUDA: the flip, the uint8 conversion and ColorJitter as two "
-                               "runtime-compiled kernels (torch.cuda._compile_kernel), checked against the "
+    fused_color: bool = setting(True, help="on CUDA: the augmentation as four runtime-compiled kernels from the "
+                               "uint8 views to the output (torch.cuda._compile_kernel), checked against the "
                                "plain ops at first use; false: the plain torch ops (same results within rounding)")
 
 

@@ -40,10 +40,11 @@ Design choices:
   clamps after every op, and no eager GEMM clamps its output) and the contrast's mean luma,
   and the hue rotation ~20 plane-sized passes: 2 x 256 views at 224 px, bf16 out, count 103
   kernels and 10.6 GB (``benchmarks/augment.py --count``, fake CUDA). On CUDA, by default
-  (``fused_color``), the flip, the conversion and the whole ColorJitter (every sample's ops
-  in its own order) are two runtime-compiled kernels that read the uint8 batch twice and write
-  the planar batch once (:mod:`fastsiam.augment.fused`): 38 kernels, 1.94 GB, the rest being
-  the blur (1.0 GB) and the final GEMM and cast. ``compile=True`` hands the ops (not the random draws)
+  (``fused_color``), the call is four runtime-compiled kernels from the uint8 views to the
+  output (:mod:`fastsiam.augment.fused`): the flip, the conversion and the whole ColorJitter
+  (every sample's ops in its own order) in two, the blur's two passes with grayscale,
+  normalization and the cast in the second: 29 kernels (the rest are the draws' small ones),
+  0.93 GB. ``compile=True`` hands the ops (not the random draws)
   to ``torch.compile`` instead, which fuses the elementwise chains; benchmarks/augment.py
   measures all three.
 - Random numbers. A batch whose loader carried them (``TwoViewBatch.draws``: per seed, epoch,
@@ -150,9 +151,9 @@ class SimSiamAugment(nn.Module):
         compile: run the ops (not the random draws, which keep the given generator) through
             ``torch.compile``, which fuses the elementwise chains into a few kernels. Eager
             mode makes one pass over the batch per op, and the colour ops are memory bound.
-        fused_color: on CUDA, run the flip, the conversion of the uint8 views and the whole
-            ColorJitter as two runtime-compiled kernels (:mod:`fastsiam.augment.fused`,
-            ``torch.cuda._compile_kernel``) instead of a pass per op; checked against the
+        fused_color: on CUDA, run the call as four runtime-compiled kernels from the uint8
+            views to the output (:mod:`fastsiam.augment.fused`, ``torch.cuda._compile_kernel``)
+            instead of a pass per op (with solarize on, the first two); checked against the
             plain ops at first use, which stay in use (with a warning) if the check fails.
             No effect on the CPU, on floating input, with ``compile`` or a bfloat16
             ``compute_dtype``.
@@ -267,7 +268,9 @@ class SimSiamAugment(nn.Module):
                 "luma": torch.tensor([list(AF.LUMA)] * 3, **f32),
                 "luma_row": torch.tensor(AF.LUMA, **f32),
                 "delta": torch.zeros(self.blur_kernel_size, **f32),  # the identity blur kernel
+                "one": torch.ones(1, **f32),
             }
+            consts["norm"] = torch.cat([consts["scale"].flatten(), consts["shift"].flatten()])  # the fused kernels' form
             consts["delta"][self.blur_kernel_size // 2] = 1.0
             self._consts[device] = consts
         return consts
@@ -349,11 +352,13 @@ class SimSiamAugment(nn.Module):
             if self._jitter_on:
                 x = self._color_jitter(x, params)
         if self.blur_p > 0:
-            kernels = torch.where(params.blur.unsqueeze(1),
-                                  AF.gaussian_kernels(params.sigma, self.blur_kernel_size, x.dtype),
-                                  self._typed(x.device, x.dtype)["delta"])
-            x = AF.separable_blur(x, kernels)
+            x = AF.separable_blur(x, self._blur_kernels(params, x.dtype))
         return x
+
+    def _blur_kernels(self, params: AugParams, dtype: torch.dtype) -> Tensor:
+        """``[N, blur_kernel_size]``: each sample's Gaussian, or the delta where it skips the blur."""
+        return torch.where(params.blur.unsqueeze(1), AF.gaussian_kernels(params.sigma, self.blur_kernel_size, dtype),
+                           self._typed(params.sigma.device, dtype)["delta"])
 
     def _gray_matrices(self, params: AugParams, x: Tensor) -> Tensor:
         """``[N, 3, 3]``: the luma on every channel where a sample turns grey, else identity."""
@@ -459,6 +464,12 @@ class SimSiamAugment(nn.Module):
     def _pipeline(self, x: Tensor, params: AugParams, consts: dict[str, Tensor]) -> Tensor:
         if self.solarize_p > 0:  # solarize sits between grayscale and normalization
             return self._normalize(self.apply(x, params), consts)
+        if self._use_fused(x):  # four kernels from the uint8 views to the output (module doc)
+            planar = fused.color_pixels(x, fused.pixel_params(params.flip, params.jitter, params.order, params.factors),
+                                        self._working_dtype(x.device), contrast=self.contrast > 0)
+            kernels = self._blur_kernels(params, torch.float32) if self.blur_p > 0 else consts["one"].expand(x.shape[0], 1)
+            gray = params.gray if self.grayscale_p > 0 else consts["one"].new_zeros(x.shape[0])
+            return fused.blur_normalize(planar, kernels, gray, consts["norm"], self.out_dtype, self.channels_last)
         x = self._jitter_and_blur(x, params)
         # Grayscale, normalization, the cast and the memory format in one GEMM:
         # out = diag(1 / std) @ G_i @ pixel - mean / std, written NHWC when channels_last.
