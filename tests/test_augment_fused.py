@@ -5,12 +5,11 @@ check that guards them, their fake-CUDA traffic, and (with a GPU) the NVRTC buil
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from host_build import host_library
 from test_augment import RECIPES, TOL_HUE, all_orders_params, images, reference_view
 
 from fastsiam.augment import SimSiamAugment, fused
@@ -32,18 +31,14 @@ extern "C" void contrast_partial(const unsigned char* img, const float* params, 
       partial[i * blocks + blk] = s;
     }}
 }}
-extern "C" void color_pixels(const unsigned char* img, const float* params, void* out, int half, int n, int h, int w,
+extern "C" void color_pixels(const unsigned char* img, const float* params, void* out, int kind, int n, int h, int w,
                              const int* st) {{
   long long hw = (long long)h * w;
   for (long long t = 0; t < (long long)n * hw; ++t) {{
     float rgb[3];
     fs_color_pixel(img, params, t, h, w, st, rgb);
     long long i = t / hw, pixel = t - i * hw;
-    for (int c = 0; c < 3; ++c) {{
-      long long at = i * 3 * hw + c * hw + pixel;
-      if (half) ((unsigned short*)out)[at] = fs_half_bits(rgb[c]);
-      else ((float*)out)[at] = rgb[c];
-    }}
+    for (int c = 0; c < 3; ++c) fs_store(out, (i * 3 + c) * hw + pixel, kind, rgb[c]);
   }}
 }}
 extern "C" void half_bits(const float* v, unsigned short* out, long long n) {{
@@ -74,15 +69,7 @@ extern "C" void blur_horizontal_normalize(const void* in, void* out, const float
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on this machine (scripts/setup.sh installs g++)")
-    d = tmp_path_factory.mktemp("fused")
-    src, lib = d / "fused.cpp", d / "fused.so"
-    src.write_text(HARNESS.format(source=fused.PIXEL_SOURCE))
-    subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
-                   capture_output=True, text=True)
-    return ctypes.CDLL(str(lib))
+    return host_library(tmp_path_factory, "fused", HARNESS.format(source=fused.PIXEL_SOURCE))
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -103,14 +90,16 @@ def host_launcher(lib: ctypes.CDLL):
                 assert grid[0] * block[0] >= ints[3] * ints[4] * ints[5]
                 lib.blur_horizontal_normalize(_ptr(planar), _ptr(out), _ptr(kern), _ptr(gray), _ptr(norm), *ints)
                 return
-            views, params, out, n, h, w, *st = args
-            strides = (ctypes.c_int * 4)(*st)
             if name == "fastsiam_contrast_partial":
+                views, params, out, n, h, w, *st = args
                 assert grid == (fused.PARTIAL_BLOCKS, n, 1) and block == (fused.THREADS, 1, 1)
-                lib.contrast_partial(_ptr(views), _ptr(params), _ptr(out), n, h, w, strides, grid[0], block[0])
-            else:
-                assert grid[0] * block[0] >= n * h * w
-                lib.color_pixels(_ptr(views), _ptr(params), _ptr(out), int(name.endswith("f16")), n, h, w, strides)
+                lib.contrast_partial(_ptr(views), _ptr(params), _ptr(out), n, h, w, (ctypes.c_int * 4)(*st),
+                                     grid[0], block[0])
+                return
+            assert name == "fastsiam_color_pixels", name
+            views, params, out, kind, n, h, w, *st = args
+            assert grid[0] * block[0] >= n * h * w
+            lib.color_pixels(_ptr(views), _ptr(params), _ptr(out), kind, n, h, w, (ctypes.c_int * 4)(*st))
         return launch
 
     return kernel
@@ -261,7 +250,7 @@ def test_the_check_accepts_the_kernels_and_falls_back_with_one_warning(host: cty
 
         def launch(grid, block, args):
             right(grid, block, args)
-            if name.startswith("fastsiam_color_pixels"):
+            if name == "fastsiam_color_pixels":
                 args[2].mul_(0.5)
         return launch
 
@@ -278,9 +267,9 @@ def test_the_check_accepts_the_kernels_and_falls_back_with_one_warning(host: cty
     monkeypatch.setattr(fused, "_kernel", broken)
     with pytest.warns(RuntimeWarning, match=r"failed: RuntimeError: nvrtc: error: identifier is undefined;"):
         assert not fused.fused_color_works(cpu, torch.float32)
-    with pytest.raises(RuntimeError, match="fastsiam's fused colour kernels run on CUDA only, got cpu"):
+    with pytest.raises(RuntimeError, match="fastsiam's fused colour kernels: CUDA only, got cpu"):
         monkeypatch.undo()
-        fused._kernel(cpu, "fastsiam_color_pixels_f32")
+        fused._kernel(cpu, "fastsiam_color_pixels")
 
 
 def test_the_op_refuses_what_the_kernels_cannot_read() -> None:

@@ -6,12 +6,11 @@ and (with a GPU) the NVRTC-compiled kernel itself."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from host_build import host_library
 from test_resample import _assert_matches_torchvision, _noise
 
 from benchmarks._data import imagenet_crop_batch
@@ -32,15 +31,7 @@ extern "C" void crop_resize_host(const long long* meta, unsigned char* out, int 
 
 @pytest.fixture(scope="module")
 def host_kernel(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on this machine (scripts/setup.sh installs g++)")
-    d = tmp_path_factory.mktemp("crop_resize")
-    src, lib = d / "crop_resize.cpp", d / "crop_resize.so"
-    src.write_text(HARNESS.format(source=rk.PIXEL_SOURCE))
-    subprocess.run([cxx, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True,
-                   capture_output=True, text=True)
-    return ctypes.CDLL(str(lib))
+    return host_library(tmp_path_factory, "crop_resize", HARNESS.format(source=rk.PIXEL_SOURCE))
 
 
 def host_launcher(lib: ctypes.CDLL):

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from fastsiam import nvrtc
 from fastsiam.augment import functional as AF
 
 __all__ = ["PARAM_COLUMNS", "PIXEL_SOURCE", "blur_normalize", "color_pixels", "fused_color_works", "pixel_params",
@@ -253,29 +254,15 @@ extern "C" __global__ void fastsiam_contrast_partial(const unsigned char* img, c
   if (threadIdx.x == 0) partial[i * gridDim.x + blockIdx.x] = sums[0];
 }
 
-extern "C" __global__ void fastsiam_color_pixels_f32(const unsigned char* img, const float* params, float* out,
-                                                    int n, int h, int w, int s0, int s1, int s2, int s3) {
+extern "C" __global__ void fastsiam_color_pixels(const unsigned char* img, const float* params, void* out, int kind,
+                                                int n, int h, int w, int s0, int s1, int s2, int s3) {
   int st[4] = {s0, s1, s2, s3};
   long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x, hw = (long long)h * w;
   if (t >= (long long)n * hw) return;
   float rgb[3];
   fs_color_pixel(img, params, t, h, w, st, rgb);
   long long i = t / hw, pixel = t - i * hw;
-  float* o = out + i * 3 * hw + pixel;
-  o[0] = rgb[0]; o[hw] = rgb[1]; o[2 * hw] = rgb[2];
-}
-
-extern "C" __global__ void fastsiam_color_pixels_f16(const unsigned char* img, const float* params,
-                                                    unsigned short* out, int n, int h, int w, int s0, int s1,
-                                                    int s2, int s3) {
-  int st[4] = {s0, s1, s2, s3};
-  long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x, hw = (long long)h * w;
-  if (t >= (long long)n * hw) return;
-  float rgb[3];
-  fs_color_pixel(img, params, t, h, w, st, rgb);
-  long long i = t / hw, pixel = t - i * hw;
-  unsigned short* o = out + i * 3 * hw + pixel;
-  o[0] = fs_half_bits(rgb[0]); o[hw] = fs_half_bits(rgb[1]); o[2 * hw] = fs_half_bits(rgb[2]);
+  for (int c = 0; c < 3; ++c) fs_store(out, (i * 3 + c) * hw + pixel, kind, rgb[c]);
 }
 
 extern "C" __global__ void fastsiam_blur_vertical(const void* in, void* out, const float* kern, int kind, int n, int h,
@@ -296,8 +283,7 @@ extern "C" __global__ void fastsiam_blur_horizontal_normalize(const void* in, vo
 }
 """
 
-OUT_KERNELS = {torch.float32: "fastsiam_color_pixels_f32", torch.float16: "fastsiam_color_pixels_f16"}
-_KERNELS: dict[tuple[torch.device, str], Callable[..., None]] = {}
+PLANAR_DTYPES = (torch.float32, torch.float16)  # what the colour kernel writes and the blur reads
 _WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
@@ -318,7 +304,7 @@ def color_pixels(views: Tensor, params: Tensor, dtype: torch.dtype, *, contrast:
     if params.shape != (views.shape[0], PARAM_COLUMNS) or params.dtype != torch.float32:
         raise ValueError(f"color_pixels: params must be float32 [{views.shape[0]}, {PARAM_COLUMNS}], "
                          f"got {params.dtype} {list(params.shape)}")
-    if dtype not in OUT_KERNELS:
+    if dtype not in PLANAR_DTYPES:
         raise ValueError(f"color_pixels: dtype must be float32 or float16, got {dtype}")
     if contrast:
         partial = torch.ops.fastsiam.contrast_partial(views, params.contiguous())
@@ -339,7 +325,7 @@ def blur_normalize(planar: Tensor, kernels: Tensor, gray: Tensor, norm: Tensor, 
     ``channels_last``."""
     n, _, h, w = planar.shape
     k = kernels.shape[1]
-    if planar.dtype not in OUT_KERNELS or not planar.is_contiguous():
+    if planar.dtype not in PLANAR_DTYPES or not planar.is_contiguous():
         raise ValueError(f"blur_normalize: expected contiguous float32/float16 planar images, got {planar.dtype}")
     if kernels.shape != (n, k) or k % 2 == 0 or kernels.dtype != torch.float32 or min(h, w) <= k // 2:
         raise ValueError(f"blur_normalize: kernels must be float32 [{n}, odd K] with K // 2 < {min(h, w)}, "
@@ -418,9 +404,9 @@ def _color_pixels(views: Tensor, params: Tensor, half: bool) -> Tensor:
     dtype = torch.float16 if half else torch.float32
     out = torch.empty((n, 3, h, w), dtype=dtype, device=views.device)
     if n:
-        _kernel(views.device, OUT_KERNELS[dtype])(
+        _kernel(views.device, "fastsiam_color_pixels")(
             grid=((n * h * w + THREADS - 1) // THREADS, 1, 1), block=(THREADS, 1, 1),
-            args=[views, params, out, n, h, w, *st])
+            args=[views, params, out, KINDS[dtype], n, h, w, *st])
     return out
 
 
@@ -431,21 +417,7 @@ def _color_pixels_fake(views: Tensor, params: Tensor, half: bool) -> Tensor:
 
 
 def _kernel(device: torch.device, name: str) -> Callable[..., None]:
-    """The launcher of kernel ``name`` on ``device``, compiled for it at first use (a compiled
-    module belongs to its device, so each launch makes that device current)."""
-    if device.type != "cuda":
-        raise RuntimeError(f"fastsiam's fused colour kernels run on CUDA only, got {device}")
-    key = (device, name)
-    if key not in _KERNELS:
-        with torch.cuda.device(device):
-            compiled = torch.cuda._compile_kernel(KERNEL_SOURCE, name)
-
-        def launch(**launch_args: object) -> None:
-            with torch.cuda.device(device):
-                compiled(**launch_args)
-
-        _KERNELS[key] = launch
-    return _KERNELS[key]
+    return nvrtc.launcher(KERNEL_SOURCE, name, device, "fastsiam's fused colour kernels")
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -431,7 +431,7 @@ class SimSiamAugment(nn.Module):
                 and img.dtype == torch.uint8):
             return False
         dtype = self._working_dtype(img.device)
-        return dtype in fused.OUT_KERNELS and fused.fused_color_works(img.device, dtype)
+        return dtype in fused.PLANAR_DTYPES and fused.fused_color_works(img.device, dtype)
 
     def _mean_luma(self, x: Tensor) -> Tensor:
         """``[N]``: each image's mean luma, as one GEMV of the planar batch (one read)."""

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from fastsiam import nvrtc
 from fastsiam.data.resample import crop_resize
 
 __all__ = ["KERNEL_SOURCE", "PIXEL_SOURCE", "crop_resize_kernel", "kernel_works"]
@@ -117,7 +118,6 @@ extern "C" __global__ void fastsiam_crop_resize(const long long* meta, unsigned 
 """
 
 THREADS = 256
-_KERNELS: dict[torch.device, Callable[..., None]] = {}
 _WORKS: dict[torch.device, bool] = {}
 
 
@@ -167,21 +167,7 @@ def _crop_resize_fake(images: list[Tensor], meta: Tensor, out: Tensor, size: int
 
 
 def _kernel(device: torch.device) -> Callable[..., None]:
-    """The kernel's launcher for ``device``, compiled for its architecture at first use. A
-    compiled module belongs to the device it was loaded on, so each launch makes that device
-    current (the launch goes to its current stream)."""
-    if device.type != "cuda":
-        raise RuntimeError(f"fastsiam::crop_resize_kernel runs on CUDA only, got {device}")
-    if device not in _KERNELS:
-        with torch.cuda.device(device):
-            compiled = torch.cuda._compile_kernel(KERNEL_SOURCE, KERNEL_NAME)
-
-        def launch(**launch_args: object) -> None:
-            with torch.cuda.device(device):
-                compiled(**launch_args)
-
-        _KERNELS[device] = launch
-    return _KERNELS[device]
+    return nvrtc.launcher(KERNEL_SOURCE, KERNEL_NAME, device, "fastsiam::crop_resize_kernel")
 
 
 def kernel_works(device: torch.device | str) -> bool:
