@@ -193,7 +193,7 @@ FASTSIAM_DEVICE inline float fs_half_value(unsigned short h) {
   return c.f;
 }
 
-/* Element `at` of a float32 (kind 0), float16 (1) or bfloat16 (2) buffer. */
+/* Element `at` of a float32 (kind 0) or float16 (1) buffer; fs_store also writes bfloat16 (2). */
 FASTSIAM_DEVICE inline float fs_load(const void* base, long long at, int kind) {
   return kind == 1 ? fs_half_value(((const unsigned short*)base)[at]) : ((const float*)base)[at];
 }
