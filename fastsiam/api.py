@@ -262,7 +262,7 @@ def inference_model(
     ``device`` ``auto`` picks a GPU when there is one.
     """
     from fastsiam.data.pil_loader import eval_transform
-    from fastsiam.evaluate import normalize_view
+    from fastsiam.features import normalize_view
 
     dev = resolve_device(str(device), key="device") if device is not None else None
     if not isinstance(model, nn.Module):

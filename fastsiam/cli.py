@@ -117,7 +117,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     cfg = _load(args, [f"eval.pretrained={args.pretrained}"] if args.pretrained else [])
     if args.print_config:
         return _print_config_and_exit(cfg)
-    from fastsiam.evaluate import run_knn
+    from fastsiam.knn import run_knn
 
     res = run_knn(cfg, cfg.eval.pretrained)
     if _is_main_process():

@@ -35,7 +35,7 @@ from fastsiam.classifier import LinearClassifier
 from fastsiam.config import Config, from_dict
 from fastsiam.data import EvalBatch, Loader, build_loader_from_config
 from fastsiam.dist import DistInfo
-from fastsiam.evaluate import FeatureFn, autocast, normalize_view, score_logits
+from fastsiam.features import FeatureFn, autocast, normalize_view, score_logits
 from fastsiam.files import atomic_open
 from fastsiam.optim import build_optimizer, build_schedule
 from fastsiam.resume import config_changes
@@ -50,7 +50,7 @@ LINEAR_CHECKPOINT = "last.pt"
 
 
 def classifier_logits_fn(model: LinearClassifier, device: torch.device, amp: str) -> FeatureFn:
-    """``x -> logits``: the backbone under :func:`~fastsiam.evaluate.autocast`, the head in
+    """``x -> logits``: the backbone under :func:`~fastsiam.features.autocast`, the head in
     float32; training and testing both score through this, so they agree on the same device."""
     def logits(x: Tensor) -> Tensor:
         with autocast(device, amp):

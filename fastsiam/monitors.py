@@ -1,7 +1,7 @@
 """What pretraining measures besides its loss: the kNN monitor and the online linear probe.
 
 Both score the backbone on center crops: the kNN classifies the val split against a bank of
-the train split's center crops (:func:`fastsiam.evaluate.knn_evaluate`), the probe classifies
+the train split's center crops (:func:`fastsiam.knn.knn_evaluate`), the probe classifies
 the val split with its head (:mod:`fastsiam.probe`). Every rank extracts its own shard and
 the counts are summed over ranks, so no rank waits at a barrier while one does the work. The
 center-crop loaders are built at first use and shared. Each result is one ``metrics.jsonl``
@@ -18,7 +18,7 @@ import torch
 from fastsiam.config import Config, ConfigError
 from fastsiam.data import Loader, build_loader_from_config, makes_data_up
 from fastsiam.dist import DistInfo
-from fastsiam.evaluate import knn_evaluate
+from fastsiam.knn import knn_evaluate
 from fastsiam.model import SimSiam
 from fastsiam.probe import OnlineProbe
 from fastsiam.run_log import RunLogger

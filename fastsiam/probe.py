@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastsiam.dist import DistInfo, wrap_ddp
-from fastsiam.evaluate import autocast, score_logits
+from fastsiam.features import autocast, score_logits
 from fastsiam.optim import SGD
 from fastsiam.optim.factory import resolve_impl
 

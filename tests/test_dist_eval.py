@@ -85,7 +85,7 @@ def test_linear_test_and_knn_on_two_processes_equal_one(odd_toy: tuple[Path, lis
 def test_sharded_knn_merges_to_the_single_process_vote() -> None:
     """The merge of per-shard neighbours, without processes: shards of a bank searched apart
     and merged give the whole bank's scores."""
-    from fastsiam.evaluate import knn_neighbours, knn_predict, knn_vote
+    from fastsiam.knn import knn_neighbours, knn_predict, knn_vote
 
     g = torch.Generator().manual_seed(0)
     bank, labels, queries = torch.randn(41, 8, generator=g), torch.randint(0, 5, (41,), generator=g), torch.randn(7, 8, generator=g)

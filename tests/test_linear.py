@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_evaluate import _color_folder
+from test_knn import _color_folder
 
 from fastsiam.data import build_loader
-from fastsiam.evaluate import knn_evaluate
+from fastsiam.knn import knn_evaluate
 from fastsiam.linear import run_linear, run_test
 
 

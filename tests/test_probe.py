@@ -15,7 +15,7 @@ from test_trainer import records, toy_overrides, train
 from fastsiam.checkpoint import load_checkpoint
 from fastsiam.config import ConfigError, load_config
 from fastsiam.data import build_loader
-from fastsiam.evaluate import normalize_view
+from fastsiam.features import normalize_view
 from fastsiam.model import SimSiam
 from fastsiam.probe import INIT_STD, OnlineProbe
 from fastsiam.trainer import Trainer

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastsiam.evaluate as E
+import fastsiam.features as features
 import fastsiam.linear as L
+from fastsiam.augment import to_normalized
 from fastsiam.classifier import LinearClassifier
 from fastsiam.config import load_config
 from fastsiam.data.batch import EvalBatch, TwoViewBatch
@@ -66,8 +67,8 @@ def test_feature_extraction_per_batch(amp: str) -> None:
         model = _model().eval()
         dtypes = []
         model.backbone.layer4.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        E.to_normalized(_device_view(), MEAN, STD)  # the first call copies mean/std, once
-        feats, labels = E.extract_features(model, _eval_batches(trace), "cuda", mean=MEAN,
+        to_normalized(_device_view(), MEAN, STD)  # the first call copies mean/std, once
+        feats, labels = features.extract_features(model, _eval_batches(trace), "cuda", mean=MEAN,
                                            std=STD, amp=amp, show_progress=False)
     assert feats.shape == (BATCHES * B, 512) and feats.dtype == torch.float32 and len(labels) == BATCHES * B
     assert dtypes == [torch.bfloat16 if amp == "bf16" else torch.float32] * BATCHES
@@ -83,7 +84,7 @@ def test_linear_evaluation_loop_per_batch(tmp_path: Path, monkeypatch: pytest.Mo
                              f"data.batch_size={B}", "model.backbone=resnet18"])
     with fake_cuda() as trace:
         model = _model()
-        E.to_normalized(_device_view(), MEAN, STD)
+        to_normalized(_device_view(), MEAN, STD)
         result = L.train_linear(model, _TrainLoader(trace), None, cfg, device=torch.device("cuda"),
                                 logger=RunLogger(tmp_path, enabled=False),
                                 checkpoint_path=tmp_path / "last.pt", show_progress=False)

@@ -1,4 +1,4 @@
-"""kNN and feature extraction (fastsiam.evaluate)."""
+"""kNN (fastsiam.knn) and the feature extraction it reads (fastsiam.features)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastsiam.data import EvalBatch, build_loader
-from fastsiam.evaluate import (
-    extract_features,
-    knn_classify,
-    knn_evaluate,
-    knn_predict,
-    normalize_view,
-)
+from fastsiam.features import extract_features, normalize_view
+from fastsiam.knn import knn_classify, knn_evaluate, knn_predict
 from fastsiam.model import build_backbone
 
 MEAN = (0.485, 0.456, 0.406)
@@ -161,7 +156,7 @@ def test_run_knn_from_a_checkpoint(tmp_path):
     """``fastsiam knn`` end to end: bank from the train folder, val classified."""
     import torchvision
 
-    from fastsiam.evaluate import run_knn
+    from fastsiam.knn import run_knn
 
     train = _color_folder(tmp_path / "train", per_class=8, seed=1)
     val = _color_folder(tmp_path / "val", per_class=4, seed=2)
