@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._data import imagenet_crop_batch
 from benchmarks._harness import FAKE_CUDA, BenchmarkReport, measure, traffic_by_function
-from fastsiam.augment import SimSiamAugment, fused
+from fastsiam.augment import SimSiamAugment
 from fastsiam.data import TwoViewBatch
 
 
@@ -54,9 +54,7 @@ def stages(aug: SimSiamAugment, batch: TwoViewBatch) -> dict[str, Callable[[], A
     consts = aug._constants(device)
     plain = {"flip_to_float": lambda: aug._to_planar(views, p), "color_jitter": lambda: aug._color_jitter(x, p)}
     if aug._use_fused(views):  # what the module runs instead of those two
-        params = fused.pixel_params(p.flip, p.jitter, p.order, p.factors)
-        plain = {"fused_flip_to_float_and_jitter":
-                 lambda: fused.color_pixels(views, params, aug._working_dtype(device), contrast=aug.contrast > 0)}
+        plain = {"fused_flip_to_float_and_jitter": lambda: aug._fused_planar(views, p)}
     return {
         "sample_params": lambda: aug.sample_params(views.shape[0], device),
         **plain,

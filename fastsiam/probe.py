@@ -8,8 +8,8 @@ without a second job; it trails the offline protocol (its features move while it
 it sees augmented crops), so it tells a run's trend, not its final number.
 
 The SimSiam update is unchanged by it, bit for bit: its features are detached (no gradient
-reaches the backbone), it has its own optimizer (momentum SGD with the encoder's scheduled lr
-and no weight decay), its loss is added after the SimSiam loss is scaled (fp16) so the SimSiam
+reaches the backbone), it has its own optimizer (momentum SGD, no weight decay, its lr
+``eval.online_probe_lr`` on the same schedule curve as the encoder's), its loss is added after the SimSiam loss is scaled (fp16) so the SimSiam
 gradients are the same numbers, and it is initialized from its own generator, so creating it
 takes no draw from the global random stream that seeds the model and the data.
 
@@ -44,8 +44,8 @@ class OnlineProbe:
         feat_dim: the backbone's feature width (``SimSiam.feat_dim``).
         num_classes: the labels' range.
         device: where the head lives.
-        lr: the peak lr (the trainer gives the encoder's batch-scaled one; its schedule
-            writes the lr tensor each step, as for the encoder).
+        lr: the peak lr (the trainer gives ``eval.online_probe_lr``; its own schedule
+            writes the lr tensor each step, as the encoder's does).
         momentum: SGD momentum.
         seed: seeds the head's initialization (its own generator, not the global one).
         dist_info: under torchrun the head is wrapped in DDP (gradients averaged over ranks).

@@ -344,9 +344,8 @@ class SimSiamAugment(nn.Module):
         """Flip, ColorJitter, blur. Grayscale is a per-pixel colour map and the blur a per-plane
         filter with a kernel that sums to 1, so the two commute: grayscale comes after the blur,
         where it can join the normalization in one GEMM (:meth:`_pipeline`)."""
-        if self._use_fused(img):  # flip, the conversion and ColorJitter in one pass (module doc)
-            x = fused.color_pixels(img, fused.pixel_params(params.flip, params.jitter, params.order, params.factors),
-                                   self._working_dtype(img.device), contrast=self.contrast > 0)
+        if self._use_fused(img):
+            x = self._fused_planar(img, params)
         else:
             x = self._to_planar(img, params)
             if self._jitter_on:
@@ -433,6 +432,12 @@ class SimSiamAugment(nn.Module):
         dtype = self._working_dtype(img.device)
         return dtype in fused.PLANAR_DTYPES and fused.fused_color_works(img.device, dtype)
 
+    def _fused_planar(self, img: Tensor, params: AugParams) -> Tensor:
+        """The flip, the conversion and ColorJitter of uint8 ``img`` in the fused kernels: planar
+        in the working dtype (what :meth:`_to_planar` and :meth:`_color_jitter` give)."""
+        return fused.color_pixels(img, fused.pixel_params(params.flip, params.jitter, params.order, params.factors),
+                                  self._working_dtype(img.device), contrast=self.contrast > 0)
+
     def _mean_luma(self, x: Tensor) -> Tensor:
         """``[N]``: each image's mean luma, as one GEMV of the planar batch (one read)."""
         return x.reshape(x.shape[0], -1) @ self._mean_luma_weights(x)
@@ -465,8 +470,7 @@ class SimSiamAugment(nn.Module):
         if self.solarize_p > 0:  # solarize sits between grayscale and normalization
             return self._normalize(self.apply(x, params), consts)
         if self._use_fused(x):  # four kernels from the uint8 views to the output (module doc)
-            planar = fused.color_pixels(x, fused.pixel_params(params.flip, params.jitter, params.order, params.factors),
-                                        self._working_dtype(x.device), contrast=self.contrast > 0)
+            planar = self._fused_planar(x, params)
             kernels = self._blur_kernels(params, torch.float32) if self.blur_p > 0 else consts["one"].expand(x.shape[0], 1)
             gray = params.gray if self.grayscale_p > 0 else consts["one"].new_zeros(x.shape[0])
             return fused.blur_normalize(planar, kernels, gray, consts["norm"], self.out_dtype, self.channels_last)
